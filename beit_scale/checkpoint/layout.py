@@ -1,0 +1,44 @@
+"""Where a run's files live. The only module that spells paths inside a run's output folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / "ds_config.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The trained tokenizer that `train-tokenizer` writes and a pretraining recipe points at."""
+        return self.root / "tokenizer.safetensors"
+
+    @property
+    def model(self) -> Path:
+        """Final consolidated weights of the trained model."""
+        return self.root / "model.safetensors"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def make(self) -> "RunLayout":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self

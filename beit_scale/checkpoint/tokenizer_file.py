@@ -1,0 +1,44 @@
+"""Tokenizer files: safetensors weights with the architecture in the metadata. No pickle anywhere."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from beit_scale.checkpoint.weights import save_weights
+from beit_scale.tokenizers import DiscreteVAE, DVAEArch
+
+FORMAT = "beit_scale.dvae.v1"
+
+
+def save_tokenizer(model: DiscreteVAE, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the tokenizer; ``state_dict`` is full and unsharded (fp32 on CPU), written atomically."""
+    meta = {"format": FORMAT, "arch": json.dumps(dataclasses.asdict(model.arch))}
+    save_weights({k: v.detach().float().cpu() for k, v in state_dict.items()}, path, meta)
+
+
+def read_tokenizer_arch(path: str | Path) -> DVAEArch:
+    """The architecture of a tokenizer file, from its metadata only (cheap: used to validate configs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer.path={str(path)!r}: no such file; train one with `beit-scale train-tokenizer`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"tokenizer.path={str(path)!r} is not a safetensors tokenizer file: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"tokenizer.path={str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return DVAEArch(**json.loads(meta["arch"]))
+
+
+def load_tokenizer(path: str | Path) -> DiscreteVAE:
+    """Rebuild a trained dVAE from its file, strictly, in eval mode with gradients off."""
+    model = DiscreteVAE(read_tokenizer_arch(path))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval().requires_grad_(False)
+    return model

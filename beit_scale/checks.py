@@ -1,0 +1,121 @@
+"""Validate a resolved Config for its job before any process group starts.
+
+Each check raises ValueError naming the field and what to change. Nothing here imports DeepSpeed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from beit_scale.config import Config
+from beit_scale.models.zoo import get_spec
+
+
+def patch_grid(cfg: Config) -> tuple[int, int]:
+    """(tokens per side, image px) of the patch view after checking that the patch size divides it."""
+    spec = get_spec(cfg.model.name)
+    img = cfg.model.img_size or spec.img_size
+    if img % spec.patch_size:
+        raise ValueError(
+            f"model.img_size={img} is not divisible by the patch size {spec.patch_size} of {cfg.model.name}; "
+            f"use a multiple of {spec.patch_size}, e.g. {img - img % spec.patch_size or spec.patch_size}"
+        )
+    return img // spec.patch_size, img
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """All checks for ``cfg.run.job`` on ``world_size`` ranks."""
+    _check_batch(cfg, world_size)
+    _check_optim(cfg)
+    _check_data(cfg)
+    from beit_scale.engine.ds_config import load_ds_config  # JSON only
+
+    load_ds_config(cfg.engine.ds_config)
+    if cfg.engine.zero_stage is not None and cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
+    grid, img = patch_grid(cfg)
+    if cfg.run.job == "pretrain":
+        _check_masking(cfg, grid)
+        _check_tokenizer_file(cfg, grid, img)
+    else:
+        _check_tokenizer_arch(cfg, grid, img)
+
+
+def _check_batch(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    for name in ("total_steps", "micro_batch", "grad_accum", "global_batch", "log_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.global_batch != t.micro_batch * t.grad_accum * world_size:
+        fix = t.micro_batch * t.grad_accum * world_size
+        raise ValueError(
+            f"train.global_batch={t.global_batch} must equal train.micro_batch ({t.micro_batch}) x "
+            f"train.grad_accum ({t.grad_accum}) x ranks ({world_size}) = {fix}; set train.global_batch={fix} "
+            f"or change micro_batch/grad_accum"
+        )
+
+
+def _check_optim(cfg: Config) -> None:
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ValueError(f"optim.lr={o.lr} must be > 0")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ValueError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if not 0 <= o.warmup_steps < cfg.train.total_steps:
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.total_steps={cfg.train.total_steps})")
+    if o.weight_decay < 0 or o.clip_grad < 0:
+        raise ValueError("optim.weight_decay and optim.clip_grad must be >= 0 (clip_grad=0 disables clipping)")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if not d.root:
+        raise ValueError("data.root is empty; set data.root=/path/to/train (ImageNet layout ROOT/<class>/<image>)")
+    for name in ("root", "val_root"):
+        value = getattr(d, name)
+        if value and not Path(value).is_dir():
+            raise ValueError(f"data.{name}={value!r} is not a folder; expected the ImageNet layout ROOT/<class>/<image>")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if not 0 <= d.hflip <= 1:
+        raise ValueError(f"data.hflip={d.hflip} is a probability and must be in [0, 1]")
+    if d.num_workers < 0:
+        raise ValueError(f"data.num_workers={d.num_workers} must be >= 0")
+
+
+def _check_masking(cfg: Config, grid: int) -> None:
+    m, num_patches = cfg.masking, grid * grid
+    if not 1 <= m.num_masked < num_patches:
+        raise ValueError(
+            f"masking.num_masked={m.num_masked} must be >= 1 and < {num_patches} patches "
+            f"({grid}x{grid} grid); BEiT masks about 40%, e.g. {round(0.4 * num_patches)}"
+        )
+    if m.kind == "blockwise" and not 1 <= m.min_block_patches <= m.num_masked:
+        raise ValueError(f"masking.min_block_patches={m.min_block_patches} must be in [1, masking.num_masked={m.num_masked}]")
+    if not 0 < m.min_aspect <= 1:
+        raise ValueError(f"masking.min_aspect={m.min_aspect} must be in (0, 1]; the range is [min_aspect, 1/min_aspect]")
+
+
+def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
+    from beit_scale.checkpoint.tokenizer_file import read_tokenizer_arch
+    from beit_scale.tokenizers import check_token_grid
+
+    if not cfg.tokenizer.path:
+        raise ValueError("tokenizer.path is empty; pretraining needs a trained tokenizer: run `beit-scale train-tokenizer` first")
+    arch = read_tokenizer_arch(cfg.tokenizer.path)
+    check_token_grid(arch.input_size, arch.downsample, img, get_spec(cfg.model.name).patch_size)
+
+
+def _check_tokenizer_arch(cfg: Config, grid: int, img: int) -> None:
+    from beit_scale.tokenizers import DVAEArch, check_token_grid
+
+    DVAEArch(**tokenizer_arch_kwargs(cfg))  # validates itself
+    check_token_grid(cfg.tokenizer.input_size, cfg.tokenizer.downsample, img, get_spec(cfg.model.name).patch_size)
+
+
+def tokenizer_arch_kwargs(cfg: Config) -> dict:
+    t = cfg.tokenizer
+    return dict(vocab_size=t.vocab_size, input_size=t.input_size, downsample=t.downsample,
+                hidden_dim=t.hidden_dim, codebook_dim=t.codebook_dim, num_res_blocks=t.num_res_blocks)

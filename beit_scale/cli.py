@@ -1,0 +1,86 @@
+"""`beit-scale <command>`: parse, load and validate the config, set up logging, call one run() function."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from beit_scale.logs import setup_logging
+
+log = logging.getLogger("beit_scale")
+
+JOBS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="beit-scale", description="BEiT pretraining at cluster scale on DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (("pretrain", "masked image modeling (stage 2)"),
+                            ("train-tokenizer", "train the dVAE image tokenizer (stage 1)")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--config", required=True, help="shipped recipe name or YAML path")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=100")
+    q = sub.add_parser("quickstart", help="tokenizer + pretraining on Fashion-MNIST, on a built-in default")
+    q.add_argument("--output-dir", default="runs/quickstart")
+    q.add_argument("--images", type=int, default=None, help="training images (default: the recipe's)")
+    sub.add_parser("models", help="list the model zoo with parameter counts")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def load_job_config(command: str, recipe: str, overrides: list[str]):
+    """Load the recipe for ``command`` and validate it for the launcher's world size."""
+    from beit_scale.checks import validate
+    from beit_scale.config import load_config
+    from beit_scale.engine.dist import launched_world_size
+
+    cfg = load_config(recipe, overrides)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, job=JOBS[command]))
+    validate(cfg, launched_world_size())
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed` puts --local_rank=N before the subcommand's own arguments; drop it wherever it is.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    args = _parser().parse_args(argv)
+    setup_logging()
+    from beit_scale.engine.dist import select_accelerator
+
+    select_accelerator()  # before anything imports DeepSpeed
+    try:
+        if args.command == "models":
+            from beit_scale.train.listing import models_table
+
+            print(models_table())
+        elif args.command == "recipes":
+            from beit_scale.config import list_recipes
+
+            print("\n".join(list_recipes()))
+        elif args.command == "quickstart":
+            from beit_scale.train import quickstart
+
+            quickstart.run(args.output_dir, args.images)
+        else:
+            cfg = load_job_config(args.command, args.config, args.overrides)
+            if args.command == "pretrain":
+                from beit_scale.train import pretrain as job
+            else:
+                from beit_scale.train import tokenizer as job
+            job.run(cfg)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        from beit_scale.engine.dist import destroy
+
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

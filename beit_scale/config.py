@@ -1,0 +1,256 @@
+"""Typed run configuration: a frozen dataclass tree loaded from YAML recipes with dotted overrides.
+
+Every job (`train-tokenizer`, `pretrain`) reads one :class:`Config`. Each part of the code receives only its
+slice (``cfg.optim``, ``cfg.masking``...). Unknown keys, wrong types and impossible combinations raise
+``ValueError`` naming the field and the fix, before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    job: Literal["pretrain", "tokenizer"] = "pretrain"  # which training loop reads this recipe
+    name: str = "run"  # tag of the run, e.g. pt22k
+    output_dir: str = "runs/default"  # folder for config, logs, TensorBoard, checkpoints and summary
+    seed: int = 0  # seeds weights, data order, augmentation and masks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "beit_base_patch16_224"  # zoo name, see `beit-scale models`
+    img_size: Optional[int] = None  # px of the patch view; None keeps the zoo's
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear in depth)
+    layer_scale: Optional[float] = None  # initial layer-scale gamma; None keeps the zoo's (0.1 base, 1e-5 large)
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # trained tokenizer file (pretraining reads it; train-tokenizer writes into output_dir)
+    vocab_size: int = 8192  # number of visual tokens (train-tokenizer only; pretraining reads it from path)
+    input_size: int = 112  # px of the tokenizer view
+    downsample: int = 8  # tokenizer view px per token
+    hidden_dim: int = 64  # conv channels at full resolution
+    codebook_dim: int = 512  # width of each codebook vector
+    num_res_blocks: int = 1  # residual blocks per resolution stage
+    kl_weight: float = 0.0  # weight of the KL term to the uniform prior
+    temperature_start: float = 1.0  # Gumbel-softmax temperature at step 0
+    temperature_end: float = 0.0625  # temperature reached at the end of annealing
+    anneal_fraction: float = 0.8  # fraction of train.total_steps over which the temperature anneals
+    recon_every: int = 0  # write reconstruction PNGs every N optimizer steps (0 = only at the end)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    kind: Literal["blockwise", "random"] = "blockwise"  # Algorithm 1 of the paper, or the random ablation
+    num_masked: int = 75  # masked patches per image (75 of 196 at 224 px)
+    min_block_patches: int = 16  # smallest block, in patches
+    min_aspect: float = 0.3  # block aspect ratio is log-uniform in [min_aspect, 1/min_aspect]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # ImageFolder root (ROOT/<class>/<image>) of the training images
+    val_root: str = ""  # ImageFolder of held-out images for evaluation; empty = none
+    num_workers: int = 4  # data loader processes per rank
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.4  # brightness, contrast and saturation strength; 0 disables
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # patch-view normalisation
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1.5e-3  # peak learning rate (absolute, for the recipe's global batch)
+    min_lr: float = 1e-5  # floor of the cosine schedule
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    weight_decay: float = 0.05  # AdamW decay; biases, norms, position tables and special tokens get none
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 3.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 1000  # optimizer steps of the whole run
+    micro_batch: int = 64  # images per rank per forward/backward
+    grad_accum: int = 1  # micro batches per optimizer step
+    global_batch: int = 64  # images per optimizer step = micro_batch * grad_accum * ranks
+    log_every: int = 10  # optimizer steps between console/TensorBoard logs (and host syncs)
+    eval_batches: int = 20  # held-out micro batches evaluated at the end (needs data.val_root)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    ds_config: str = "ds_configs/base.json"  # DeepSpeed JSON: ZeRO stage, offload, precision, buckets only
+    zero_stage: Optional[int] = None  # override the ds_config's ZeRO stage (0-3)
+    precision: Optional[Literal["fp32", "bf16"]] = None  # override the ds_config's precision
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """Resolve a recipe given as a shipped name (``quickstart_pretrain``) or a YAML path."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = RECIPE_DIR / f"{path.stem if path.suffix else recipe}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ValueError(f"recipe {recipe!r} is neither a YAML file nor a shipped recipe; shipped: {', '.join(list_recipes())}")
+
+
+def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (shipped name or path), apply ``a.b=value`` overrides and type-check the result.
+
+    A recipe may name another with ``base: <recipe>``; its keys are merged over the base's.
+    """
+    data = _read_recipe(recipe) if recipe else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value, e.g. train.total_steps=100")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, data, "")
+
+
+def _read_recipe(recipe: str, seen: tuple[Path, ...] = ()) -> dict:
+    path = recipe_path(recipe)
+    if path in seen:
+        raise ValueError(f"recipe {path} includes itself through 'base'")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_recipe(base, seen + (path,))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known fields: {', '.join(names)}"
+            raise ValueError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{name}={value!r} must be a list of {len(args)} numbers")
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be a string")
+        return str(value)
+    raise TypeError(f"config field {name} has unsupported type {tp}")  # internal: extend _coerce
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain YAML-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def dump_yaml(cfg: Config, path: Path) -> None:
+    """Write the resolved config; ``load_config(path)`` reads it back unchanged."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_project_path(value: str) -> Path:
+    """A path from a recipe: absolute, relative to the working directory, or to the project root (ds_configs/)."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return PROJECT_ROOT / path

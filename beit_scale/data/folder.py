@@ -1,0 +1,151 @@
+"""ImageNet-layout image folder that survives unreadable files.
+
+Large crawled datasets (ImageNet-22k in particular) contain a handful of truncated, corrupt or empty files.
+A single one of them must not kill a multi-day run, and skipping it must not make the data order depend on
+the number of data-loader workers. `SafeImageFolder` therefore replaces a bad sample by the next readable
+index (idx+1, idx+2, ... modulo the length): whether a file is readable is a property of the file, so the
+same bad file always maps to the same substitute in every worker and every process.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torchvision
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_LAYOUT_HINT = "expected the ImageNet layout ROOT/<class>/<image>.JPEG"
+
+# What PIL raises for files it cannot decode: UnidentifiedImageError and truncation are OSErrors, some broken
+# PNG chunks raise SyntaxError, a few decoders raise ValueError/EOFError, oversized images raise
+# DecompressionBombError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file and fully decode it as RGB.
+
+    PIL opens files lazily; `load()` forces the decode here so that a truncated file fails inside the
+    caller's `try` instead of later in a transform.
+
+    Args:
+        path: Image file path.
+
+    Returns:
+        The decoded RGB image (grayscale, palette and alpha images are converted).
+
+    Raises:
+        OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError: The file is unreadable.
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+        return img.convert("RGB")
+
+
+class SafeImageFolder(torchvision.datasets.ImageFolder):
+    """`torchvision.datasets.ImageFolder` that skips unreadable images deterministically.
+
+    Samples are ``(image, class_index)`` as in ImageFolder, images decoded as RGB. An image that cannot be
+    decoded is logged at WARNING (once per path per process), recorded in `bad_paths`, and the sample is
+    replaced by the next readable index, together with that index's label.
+
+    `bad_paths` is per process: with a multi-worker DataLoader each worker fills its own copy.
+
+    Args:
+        root: Dataset root in the ImageNet layout ``root/<class>/<image>``.
+        transform: Optional transform applied to the PIL image.
+        target_transform: Optional transform applied to the class index.
+        max_consecutive_failures: How many consecutive unreadable files are tolerated before giving up.
+
+    Raises:
+        FileNotFoundError: `root` does not exist.
+        ValueError: `root` is not a directory, has no class folders, or holds no images.
+    """
+
+    # Paths already warned about in this process, shared by all instances so a path is logged only once.
+    _warned_paths: ClassVar[set[str]] = set()
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        max_consecutive_failures: int = 32,
+    ) -> None:
+        if max_consecutive_failures < 0:
+            raise ValueError(f"max_consecutive_failures={max_consecutive_failures} must be >= 0")
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"dataset root {root} does not exist; {_LAYOUT_HINT}")
+        if not root.is_dir():
+            raise ValueError(f"dataset root {root} is not a directory; {_LAYOUT_HINT}")
+        try:
+            super().__init__(
+                str(root),
+                transform=transform,
+                target_transform=target_transform,
+                loader=load_rgb,
+                allow_empty=True,
+            )
+        except FileNotFoundError as e:  # torchvision's "Couldn't find any class folder"
+            raise ValueError(f"dataset root {root} has no class folders; {_LAYOUT_HINT}") from e
+        if not self.samples:
+            raise ValueError(
+                f"dataset root {root} holds no images with extensions {', '.join(self.extensions)} "
+                f"in its {len(self.classes)} class folders; {_LAYOUT_HINT}"
+            )
+        empty = sorted(set(self.classes) - {self.classes[t] for _, t in self.samples})
+        if empty:
+            logger.warning("%d class folders under %s hold no images: %s", len(empty), root, empty[:10])
+        self.max_consecutive_failures = max_consecutive_failures
+        self.bad_paths: set[str] = set()
+
+    def _mark_bad(self, path: str, err: BaseException) -> None:
+        self.bad_paths.add(path)
+        if path not in SafeImageFolder._warned_paths:
+            SafeImageFolder._warned_paths.add(path)
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Return ``(image, target)`` of `index`, or of the next readable index if it is unreadable.
+
+        Raises:
+            IndexError: `index` is out of range.
+            RuntimeError: More than `max_consecutive_failures` consecutive images are unreadable.
+        """
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        index %= n
+        tried: list[str] = []
+        for offset in range(n):
+            path, target = self.samples[(index + offset) % n]
+            if path not in self.bad_paths:
+                try:
+                    img = self.loader(path)
+                except _DECODE_ERRORS as err:
+                    self._mark_bad(path, err)
+                else:
+                    break
+            tried.append(path)
+            if len(tried) > self.max_consecutive_failures:
+                raise RuntimeError(
+                    f"{len(tried)} consecutive images from index {index} are unreadable "
+                    f"(max_consecutive_failures={self.max_consecutive_failures}); check the dataset files: "
+                    f"{tried}"
+                )
+        else:
+            raise RuntimeError(f"all {n} images under {self.root} are unreadable: {tried}")
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self.root!r}, num_images={len(self)}, num_classes={len(self.classes)})"

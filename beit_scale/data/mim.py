@@ -1,0 +1,136 @@
+"""Masked-image-modeling dataset: two augmented views plus a patch mask per sample.
+
+Every random choice for a sample (augmentation and mask) is a pure function of ``(seed, epoch, index)``.
+The result therefore does not depend on the number of data-loader workers, on which worker loads which
+index, or on the order of loading, and a resumed run sees exactly the samples the interrupted run would
+have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+MaskGenerator = Callable[[np.random.Generator], np.ndarray]
+TwoView = Callable[[Any], tuple[Tensor, Tensor]]
+
+# Spawn key of the child seed sequence that seeds torch, so the torch stream is independent of the
+# numpy mask stream that `default_rng([seed, epoch, index])` derives from the same triple.
+_TORCH_STREAM = 1
+
+
+def _check_non_negative_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a non-negative integer")
+
+
+def sample_seeds(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, int]:
+    """Derive the random state of one sample.
+
+    Args:
+        seed: Run seed.
+        epoch: Epoch number.
+        index: Dataset index.
+
+    Returns:
+        ``(mask_rng, torch_seed)``: ``numpy.random.default_rng([seed, epoch, index])`` for the mask generator
+        and a 64-bit seed for torch (and Python's `random`) drawn from an independent child stream.
+    """
+    mask_rng = np.random.default_rng([seed, epoch, index])
+    child = np.random.SeedSequence([seed, epoch, index], spawn_key=(_TORCH_STREAM,))
+    torch_seed = int(child.generate_state(1, dtype=np.uint64)[0])
+    return mask_rng, torch_seed
+
+
+class MIMDataset(Dataset):
+    """Wraps an image dataset into BEiT pretraining samples.
+
+    Each item is a dict:
+
+    - ``image``: patch view, float (3, img_size, img_size), normalised.
+    - ``tokenizer_view``: float (3, tokenizer_size, tokenizer_size) in the tokenizer's pixel mapping.
+    - ``mask``: bool (h * w,), True where a patch is masked; omitted when `mask_generator` is None
+      (tokenizer training uses the same dataset without masks).
+    - ``index``: the requested index (negative indices counted from the end).
+    - ``label``: the class index from `base` (unused by pretraining, handy for probes).
+
+    The transform runs under ``torch.random.fork_rng`` with torch (and Python's `random`, which some timm
+    transforms use) seeded from ``(seed, epoch, index)``; the global RNG state is restored afterwards.
+
+    Args:
+        base: Dataset returning ``(PIL image, label)``, e.g. `SafeImageFolder` without a transform.
+        transform: Two-view transform, e.g. `TwoViewTransform` or `EvalTwoView`.
+        mask_generator: Called with a seeded ``numpy.random.Generator``; returns a bool array (h, w) of the
+            patch grid. None to produce no mask.
+        seed: Run seed, a non-negative integer.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        transform: TwoView,
+        mask_generator: MaskGenerator | None,
+        seed: int,
+    ) -> None:
+        _check_non_negative_int("seed", seed)
+        self.base = base
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations and masks `__getitem__` returns.
+
+        Call it before iterating each epoch; with persistent workers, recreate the iterator so the workers'
+        copies see the new epoch.
+        """
+        _check_non_negative_int("epoch", epoch)
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        index = int(index) % n
+        img, label = self.base[index]
+        mask_rng, torch_seed = sample_seeds(self.seed, self.epoch, index)
+
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch_seed)
+                random.seed(torch_seed)
+                image, tokenizer_view = self.transform(img)
+        finally:
+            random.setstate(py_state)
+
+        sample: dict[str, Any] = {
+            "image": image,  # (3, img_size, img_size)
+            "tokenizer_view": tokenizer_view,  # (3, tokenizer_size, tokenizer_size)
+            "index": index,
+            "label": int(label),
+        }
+        if self.mask_generator is not None:
+            mask = np.asarray(self.mask_generator(mask_rng))
+            if mask.dtype != np.bool_ or mask.ndim != 2:
+                raise ValueError(
+                    f"mask_generator returned a {mask.dtype} array of shape {mask.shape}; it must return a "
+                    "bool array (h, w) over the patch grid, e.g. (14, 14) for 224 px and patch 16"
+                )
+            sample["mask"] = torch.from_numpy(mask.reshape(-1).copy())  # (h * w,)
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_images={len(self)}, seed={self.seed}, epoch={self.epoch}, "
+            f"masked={self.mask_generator is not None}, transform={self.transform!r})"
+        )

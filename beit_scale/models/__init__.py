@@ -1,0 +1,12 @@
+"""Model zoo and the MIM model; plain PyTorch on timm's BEiT blocks."""
+from beit_scale.models.mim import BeitMIM, backbone_param_count
+from beit_scale.models.zoo import ZOO, BeitSpec, get_spec
+
+__all__ = ["ZOO", "BeitSpec", "BeitMIM", "backbone_param_count", "get_spec", "build_mim_model"]
+
+
+def build_mim_model(cfg, vocab_size: int) -> BeitMIM:
+    """Build the MIM model from ``cfg.model`` (a ModelConfig) for a tokenizer with ``vocab_size`` tokens."""
+    model = BeitMIM(get_spec(cfg.name), vocab_size, cfg.img_size, cfg.drop_path, cfg.layer_scale)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model

@@ -1,0 +1,90 @@
+"""BEiT for masked image modeling, built on timm's ``Beit`` (its blocks, patch embedding and init)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.beit import Beit
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from beit_scale.models.zoo import BeitSpec
+
+
+class BeitMIM(Beit):
+    """timm's ``Beit`` with the learned [M] embedding and a linear head over the visual vocabulary.
+
+    The backbone keeps timm's parameter names, so its state dict maps onto ``timm.create_model('beit_*')``
+    (shared relative position bias, no absolute position embedding, as in BEiT pretraining).
+    timm applies the paper's init: trunc-normal(0.02) and attention/MLP output projections of block l
+    divided by sqrt(2 l).
+    """
+
+    def __init__(
+        self,
+        spec: BeitSpec,
+        vocab_size: int,
+        img_size: Optional[int] = None,
+        drop_path: float = 0.1,
+        layer_scale: Optional[float] = None,
+    ):
+        super().__init__(
+            img_size=img_size or spec.img_size,
+            patch_size=spec.patch_size,
+            num_classes=0,
+            global_pool="",  # keep the final norm on the tokens; MIM pools nothing
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_ratio=spec.mlp_ratio,
+            drop_path_rate=drop_path,
+            init_values=spec.layer_scale if layer_scale is None else layer_scale,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=True,
+        )
+        self.vocab_size = vocab_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+        self.lm_head = nn.Linear(spec.embed_dim, vocab_size)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary for the masked patches.
+
+        Args:
+            images: (B, 3, H, W) patch view.
+            mask: (B, N) bool, True where the patch is replaced by [M].
+
+        Returns:
+            (num_masked_total, vocab_size) logits, in the row-major order of ``mask.nonzero()``.
+        """
+        x = self.patch_embed(images)  # (B, N, D)
+        w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)  # (B, 1+N, D)
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias()  # (heads, 1+N, 1+N), shared by all blocks
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                # Non-reentrant; positional bias argument works with every ZeRO stage.
+                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        x = self.norm(x)
+        return self.lm_head(x[:, 1:][mask])  # (num_masked_total, vocab)
+
+
+def backbone_param_count(model: Beit) -> int:
+    """Parameters of the BEiT backbone: everything but the MIM head and the [M] embedding."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("lm_head.", "mask_token")))

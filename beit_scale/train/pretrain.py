@@ -1,0 +1,150 @@
+"""Stage 2: masked image modeling. The tokenizer labels masked patches; BEiT predicts them."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from beit_scale.checkpoint import RunLayout
+from beit_scale.checkpoint.gather import full_state_dict
+from beit_scale.checkpoint.tokenizer_file import load_tokenizer
+from beit_scale.checkpoint.weights import save_weights
+from beit_scale.checks import patch_grid
+from beit_scale.config import Config, dump_yaml
+from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
+from beit_scale.engine.core import build_engine, engine_dtype
+from beit_scale.engine.dist import init_distributed
+from beit_scale.engine.ds_config import build_ds_config, write_ds_config
+from beit_scale.masking import build_mask_generator
+from beit_scale.models import build_mim_model
+from beit_scale.tokenizers import codebook_stats
+from beit_scale.train.common import Meter, epoch_batches, make_loader, seed_everything, tensorboard_writer
+from beit_scale.train.images import save_mask_grid
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_step(engine, tokenizer, batch: dict, device, dtype):
+    """One micro step: label masked patches with the tokenizer, predict them, backward, step."""
+    images = batch["image"].to(device, dtype, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True)  # (B, N) bool
+    with torch.no_grad():
+        targets = tokenizer.encode(batch["tokenizer_view"].to(device, non_blocking=True))[mask]  # (n_masked,)
+    logits = engine(images, mask)  # (n_masked, vocab)
+    loss = F.cross_entropy(logits.float(), targets)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach(), (logits.argmax(-1) == targets).float().mean(), targets
+
+
+def run(cfg: Config) -> dict:
+    """Pretrain per ``cfg``; returns the summary that rank 0 also writes to ``summary.json``."""
+    info = init_distributed()
+    layout = RunLayout(Path(cfg.run.output_dir)).make()
+    seed_everything(cfg.run.seed)
+    grid, img_size = patch_grid(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer.path).to(info.device)
+    model = build_mim_model(cfg.model, tokenizer.vocab_size)
+    ds_config = build_ds_config(cfg, info.world_size)
+    if info.rank == 0:
+        dump_yaml(cfg, layout.config)
+        write_ds_config(ds_config, layout.ds_config)
+    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps)
+    dtype = engine_dtype(engine)
+    log.info("pretraining %s (%.2fM parameters) on %d rank(s), %s, ZeRO %d; tokenizer %s (vocab %d)",
+             cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, dtype,
+             engine.zero_optimization_stage(), cfg.tokenizer.path, tokenizer.vocab_size)
+
+    mask_gen = build_mask_generator(cfg.masking.kind, (grid, grid), cfg.masking.num_masked,
+                                    cfg.masking.min_block_patches, cfg.masking.min_aspect)
+    d = cfg.data
+    transform = TwoViewTransform(img_size, tokenizer.input_size, scale=d.crop_scale, hflip=d.hflip,
+                                 color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+                                 tokenizer_pixel_map=tokenizer.map_pixels)
+    train_set = MIMDataset(SafeImageFolder(d.root), transform, mask_gen, cfg.run.seed)
+    loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
+    batches = epoch_batches(loader)
+    writer = tensorboard_writer(layout.tensorboard, info.rank)
+    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch)
+    token_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
+
+    engine.train()
+    for step in range(cfg.train.total_steps):
+        schedule.apply(step)
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)
+            if step == 0 and info.rank == 0:
+                save_mask_grid(batch, d.mean, d.std, layout.images / "masks.png", writer)
+            loss, acc, targets = pretrain_step(engine, tokenizer, batch, info.device, dtype)
+            token_counts += torch.bincount(targets, minlength=tokenizer.vocab_size)
+            meter.add(loss=loss, mask_acc=acc)
+        meter.step_done(step)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.total_steps:
+            norm = engine.get_global_grad_norm()
+            last = meter.flush(step, lr=engine.optimizer.param_groups[0]["lr"],
+                               grad_norm=float("nan") if norm is None else float(norm))
+
+    images_per_second = meter.images_per_second
+    state = full_state_dict(engine)
+    if info.rank == 0:
+        save_weights(state, layout.model, {"format": "beit_scale.mim.v1", "model": cfg.model.name})
+    summary = {"final_loss": last["loss"], "train_masked_token_accuracy": last["mask_acc"],
+               "images_per_second": images_per_second, "steps": cfg.train.total_steps,
+               "world_size": info.world_size}
+    if d.val_root:
+        summary.update(evaluate(engine, tokenizer, cfg, mask_gen, img_size, info, dtype))
+    if dist.is_initialized():
+        dist.all_reduce(token_counts)
+    usage, perplexity = codebook_stats_from_counts(token_counts)
+    summary.update(target_codebook_usage=usage, target_perplexity=perplexity)
+    if info.rank == 0:
+        layout.summary.write_text(json.dumps(summary, indent=2))
+        log.info("summary: %s", json.dumps(summary))
+        log.info("wrote %s and %s", layout.summary, layout.model)
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+def codebook_stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
+    """(fraction of the vocabulary used, perplexity) of a token histogram."""
+    ids = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    usage, perplexity = codebook_stats(ids, len(counts))
+    return float(usage), float(perplexity)
+
+
+@torch.no_grad()
+def evaluate(engine, tokenizer, cfg: Config, mask_gen, img_size: int, info, dtype) -> dict:
+    """Masked-token accuracy on held-out images, beside always guessing the held-out's most frequent token."""
+    d = cfg.data
+    transform = EvalTwoView(img_size, tokenizer.input_size, mean=d.mean, std=d.std,
+                            tokenizer_pixel_map=tokenizer.map_pixels)
+    val_set = MIMDataset(SafeImageFolder(d.val_root), transform, mask_gen, cfg.run.seed + 1)
+    loader = make_loader(val_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=False)
+    correct = torch.zeros((), dtype=torch.long, device=info.device)
+    total = torch.zeros_like(correct)
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
+    engine.eval()
+    for i, batch in enumerate(loader):
+        if i == cfg.train.eval_batches:  # every rank has the same number of batches (padded sampler)
+            break
+        mask = batch["mask"].to(info.device)
+        targets = tokenizer.encode(batch["tokenizer_view"].to(info.device))[mask]
+        logits = engine(batch["image"].to(info.device, dtype), mask)
+        correct += (logits.argmax(-1) == targets).sum()
+        total += targets.numel()
+        counts += torch.bincount(targets, minlength=tokenizer.vocab_size)
+    engine.train()
+    stats = torch.stack([correct, total])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+        dist.all_reduce(counts)
+    correct_n, total_n = stats.tolist()
+    return {"masked_token_accuracy": correct_n / total_n,
+            "majority_token_accuracy": counts.max().item() / total_n,
+            "eval_masked_tokens": total_n}

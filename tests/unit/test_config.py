@@ -1,0 +1,123 @@
+"""Config: recipes load, overrides apply, and every validation error names the field and the fix."""
+import dataclasses
+
+import pytest
+
+from beit_scale.checks import validate
+from beit_scale.config import Config, dump_yaml, list_recipes, load_config
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    return tmp_path / "train"
+
+
+def _pretrain(data_root, tokenizer_file, *overrides):
+    return load_config("pretrain_base_in1k", [f"data.root={data_root}", f"tokenizer.path={tokenizer_file}",
+                                              "train.micro_batch=8", "train.global_batch=16", *overrides])
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+
+
+def test_base_recipe_inheritance_and_overrides():
+    cfg = load_config("pretrain_giant_in22k", ["optim.lr=2e-3", "optim.betas=[0.9, 0.98]", "model.img_size=448"])
+    assert cfg.model.name == "beit_giant_patch14_224"  # own
+    assert cfg.masking.num_masked == 102  # own
+    assert cfg.engine.ds_config == "ds_configs/giant.json"
+    assert cfg.train.total_steps == 150000  # from pretrain_large_in22k
+    assert cfg.optim.weight_decay == 0.05  # from pretrain_base_in1k
+    assert cfg.optim.lr == 2e-3 and cfg.optim.betas == (0.9, 0.98) and cfg.model.img_size == 448
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("pretrain_large_in22k", ["train.log_every=7"])
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nme=x", r"unknown config key model\.nme; did you mean model\.name\?"),
+    ("modle.name=x", r"unknown config key modle; did you mean model\?"),
+    ("train.total_steps=1.5", r"train\.total_steps=1\.5 must be an integer"),
+    ("train.total_steps=true", r"train\.total_steps=True must be an integer"),
+    ("optim.lr=fast", r"optim\.lr='fast' must be a number"),
+    ("optim.betas=[0.9]", r"optim\.betas=\[0\.9\] must be a list of 2 numbers"),
+    ("masking.kind=grid", r"masking\.kind='grid' must be one of 'blockwise', 'random'"),
+    ("model.grad_checkpointing=1", r"model\.grad_checkpointing=1 must be true or false"),
+    ("train", r"override 'train' must look like section\.field=value"),
+])
+def test_bad_keys_and_types_fail_with_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("pretrain_base_in1k", [override])
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match=r"recipe 'nope' is neither a YAML file nor a shipped recipe; shipped: .*pretrain_base_in1k"):
+        load_config("nope")
+
+
+def test_valid_pretrain_config_passes(data_root, tiny_tokenizer_file):
+    validate(_pretrain(data_root, tiny_tokenizer_file(112, 8)), world_size=2)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ((), 4, r"train\.global_batch=16 must equal train\.micro_batch \(8\) x train\.grad_accum \(1\) x ranks \(4\) = 32; "
+            r"set train\.global_batch=32"),
+    (("model.img_size=200",), 2, r"model\.img_size=200 is not divisible by the patch size 16 of beit_base_patch16_224"),
+    (("masking.num_masked=196",), 2, r"masking\.num_masked=196 must be >= 1 and < 196 patches \(14x14 grid\)"),
+    (("masking.num_masked=200",), 2, r"masking\.num_masked=200 must be >= 1 and < 196 patches"),
+    (("masking.min_block_patches=80",), 2, r"masking\.min_block_patches=80 must be in \[1, masking\.num_masked=75\]"),
+    (("optim.warmup_steps=600000",), 2, r"optim\.warmup_steps=600000 must be in \[0, train\.total_steps=500000\)"),
+    (("optim.min_lr=1.0",), 2, r"optim\.min_lr=1\.0 must be in \[0, optim\.lr=0\.0015\]"),
+    (("model.name=beit_huge",), 2, r"model\.name='beit_huge' is not in the zoo; choose one of .*beit_base_patch16_224"),
+    (("engine.ds_config=ds_configs/none.json",), 2, r"engine\.ds_config='ds_configs/none\.json': no such file"),
+    (("engine.zero_stage=4",), 2, r"engine\.zero_stage=4 must be 0, 1, 2 or 3"),
+    (("data.crop_scale=[0.5, 0.2]",), 2, r"data\.crop_scale=\[0\.5, 0\.2\] must satisfy 0 < min <= max <= 1"),
+])
+def test_impossible_combinations_fail_before_any_process_group(data_root, tiny_tokenizer_file, overrides, world, message):
+    cfg = _pretrain(data_root, tiny_tokenizer_file(112, 8), *overrides)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=world)
+
+
+def test_missing_data_root_and_tokenizer_are_named(tmp_path, data_root):
+    with pytest.raises(ValueError, match=r"data\.root='.*nowhere' is not a folder; expected the ImageNet layout"):
+        validate(_pretrain(tmp_path / "nowhere", "x"), world_size=2)
+    with pytest.raises(ValueError, match=r"tokenizer\.path='.*missing\.safetensors': no such file; train one"):
+        validate(_pretrain(data_root, tmp_path / "missing.safetensors"), world_size=2)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"is not a safetensors tokenizer file"):
+        validate(_pretrain(data_root, bad), world_size=2)
+
+
+def test_tokenizer_grid_must_match_the_patch_grid_never_cropped(data_root, tiny_tokenizer_file):
+    # Giant: patch 14 -> 16x16 patches at 224 px, but a 112 px view with an 8x dVAE gives 14x14 tokens.
+    cfg = _pretrain(data_root, tiny_tokenizer_file(112, 8), "model.name=beit_giant_patch14_224",
+                    "masking.num_masked=102")
+    with pytest.raises(ValueError, match=r"set tokenizer\.input_size=128"):
+        validate(cfg, world_size=2)
+    ok = _pretrain(data_root, tiny_tokenizer_file(128, 8), "model.name=beit_giant_patch14_224", "masking.num_masked=102")
+    validate(ok, world_size=2)
+
+
+def test_tokenizer_job_checks_its_own_grid(data_root):
+    cfg = load_config("tokenizer_dvae_giant_in1k", [f"data.root={data_root}", "train.micro_batch=8",
+                                                    "train.global_batch=8", "tokenizer.input_size=112"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, job="tokenizer"))
+    with pytest.raises(ValueError, match=r"set tokenizer\.input_size=128"):
+        validate(cfg, world_size=1)
+
+
+def test_ds_config_clash_with_the_recipe_is_an_error(tmp_path, data_root, tiny_tokenizer_file):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0, "train_batch_size": 8}')
+    cfg = _pretrain(data_root, tiny_tokenizer_file(112, 8), f"engine.ds_config={ds}")
+    with pytest.raises(ValueError, match=r"sets keys the recipe owns: gradient_clipping \(set optim\.clip_grad in the recipe\), "
+                                         r"train_batch_size \(set train\.global_batch in the recipe\)"):
+        validate(cfg, world_size=2)
