@@ -1,8 +1,8 @@
 """Model zoo and the MIM model; plain PyTorch on timm's BEiT blocks."""
-from beit_scale.models.mim import BeitMIM, backbone_param_count
+from beit_scale.models.mim import BeitMIM, backbone_param_count, masked_positions
 from beit_scale.models.zoo import ZOO, BeitSpec, get_spec
 
-__all__ = ["ZOO", "BeitSpec", "BeitMIM", "backbone_param_count", "get_spec", "build_mim_model"]
+__all__ = ["ZOO", "BeitSpec", "BeitMIM", "backbone_param_count", "get_spec", "build_mim_model", "masked_positions"]
 
 
 def build_mim_model(cfg, vocab_size: int) -> BeitMIM:

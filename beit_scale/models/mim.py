@@ -59,12 +59,14 @@ class BeitMIM(Beit):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, masked_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits over the vocabulary for the masked patches.
 
         Args:
             images: (B, 3, H, W) patch view.
             mask: (B, N) bool, True where the patch is replaced by [M].
+            masked_idx: (num_masked_total,) flat indices of ``mask``'s True entries in row-major order. Pass it
+                (computed on the CPU, see :func:`masked_positions`) to avoid a device-to-host sync.
 
         Returns:
             (num_masked_total, vocab_size) logits, in the row-major order of ``mask.nonzero()``.
@@ -82,7 +84,15 @@ class BeitMIM(Beit):
             else:
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         x = self.norm(x)
-        return self.lm_head(x[:, 1:][mask])  # (num_masked_total, vocab)
+        if masked_idx is None:
+            masked_idx = masked_positions(mask)  # syncs on a GPU
+        x = x[:, 1:].reshape(-1, x.shape[-1]).index_select(0, masked_idx)  # (num_masked_total, D)
+        return self.lm_head(x)  # (num_masked_total, vocab)
+
+
+def masked_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat row-major indices of the True entries of a (B, N) mask; cheap on the CPU, a host sync on a GPU."""
+    return mask.flatten().nonzero().squeeze(1)
 
 
 def backbone_param_count(model: Beit) -> int:

@@ -20,7 +20,7 @@ from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.dist import init_distributed
 from beit_scale.engine.ds_config import build_ds_config, write_ds_config
 from beit_scale.masking import build_mask_generator
-from beit_scale.models import build_mim_model
+from beit_scale.models import build_mim_model, masked_positions
 from beit_scale.tokenizers import codebook_stats
 from beit_scale.train.common import Meter, epoch_batches, make_loader, seed_everything, tensorboard_writer
 from beit_scale.train.images import save_mask_grid
@@ -28,13 +28,21 @@ from beit_scale.train.images import save_mask_grid
 log = logging.getLogger(__name__)
 
 
+def to_device(batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, tokenizer views, mask, flat masked indices) on the device; indices found on the CPU (no sync)."""
+    masked_idx = masked_positions(batch["mask"])  # (n_masked,)
+    return (batch["image"].to(device, dtype, non_blocking=True),
+            batch["tokenizer_view"].to(device, non_blocking=True),
+            batch["mask"].to(device, non_blocking=True),  # (B, N) bool
+            masked_idx.to(device, non_blocking=True))
+
+
 def pretrain_step(engine, tokenizer, batch: dict, device, dtype):
     """One micro step: label masked patches with the tokenizer, predict them, backward, step."""
-    images = batch["image"].to(device, dtype, non_blocking=True)
-    mask = batch["mask"].to(device, non_blocking=True)  # (B, N) bool
+    images, views, mask, masked_idx = to_device(batch, device, dtype)
     with torch.no_grad():
-        targets = tokenizer.encode(batch["tokenizer_view"].to(device, non_blocking=True))[mask]  # (n_masked,)
-    logits = engine(images, mask)  # (n_masked, vocab)
+        targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)  # (n_masked,)
+    logits = engine(images, mask, masked_idx)  # (n_masked, vocab)
     loss = F.cross_entropy(logits.float(), targets)
     engine.backward(loss)
     engine.step()
@@ -81,7 +89,7 @@ def run(cfg: Config) -> dict:
             if step == 0 and info.rank == 0:
                 save_mask_grid(batch, d.mean, d.std, layout.images / "masks.png", writer)
             loss, acc, targets = pretrain_step(engine, tokenizer, batch, info.device, dtype)
-            token_counts += torch.bincount(targets, minlength=tokenizer.vocab_size)
+            token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
             meter.add(loss=loss, mask_acc=acc)
         meter.step_done(step)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.total_steps:
@@ -133,12 +141,12 @@ def evaluate(engine, tokenizer, cfg: Config, mask_gen, img_size: int, info, dtyp
     for i, batch in enumerate(loader):
         if i == cfg.train.eval_batches:  # every rank has the same number of batches (padded sampler)
             break
-        mask = batch["mask"].to(info.device)
-        targets = tokenizer.encode(batch["tokenizer_view"].to(info.device))[mask]
-        logits = engine(batch["image"].to(info.device, dtype), mask)
+        images, views, mask, masked_idx = to_device(batch, info.device, dtype)
+        targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)
+        logits = engine(images, mask, masked_idx)
         correct += (logits.argmax(-1) == targets).sum()
         total += targets.numel()
-        counts += torch.bincount(targets, minlength=tokenizer.vocab_size)
+        counts.scatter_add_(0, targets, torch.ones_like(targets))
     engine.train()
     stats = torch.stack([correct, total])
     if dist.is_initialized():

@@ -1,0 +1,27 @@
+"""`beit-scale quickstart` as a user runs it: no flags, real Fashion-MNIST, one process, under 10 minutes."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed.ranks import ROOT, rank_env
+
+
+@pytest.mark.timeout(900)
+def test_quickstart_beats_the_majority_baseline(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "beit_scale.cli", "quickstart", "--output-dir", str(tmp_path)],
+                          cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert f"summary in {tmp_path / 'summary.json'}" in proc.stderr  # says where it is
+    assert set(summary) >= {"final_loss", "masked_token_accuracy", "majority_token_accuracy",
+                            "tokenizer_codebook_usage", "images_per_second"}
+    # Held-out masked-token accuracy well above always guessing the held-out's most frequent token.
+    assert summary["masked_token_accuracy"] > summary["majority_token_accuracy"] + 0.15
+    # A collapsed codebook would make that easy: the tokenizer must use many codes.
+    assert summary["tokenizer_perplexity"] > 8
+    assert summary["final_loss"] < 2.5 and summary["images_per_second"] > 0
+    for run in ("tokenizer", "pretrain"):
+        assert (tmp_path / run / "config.yaml").is_file() and list((tmp_path / run / "tensorboard").iterdir())
+    assert (tmp_path / "tokenizer" / "images" / "reconstructions.png").is_file()
