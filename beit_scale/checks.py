@@ -32,6 +32,9 @@ def validate(cfg: Config, world_size: int) -> None:
     load_ds_config(cfg.engine.ds_config)
     if cfg.engine.zero_stage is not None and cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.keep_last < 1:
+        raise ValueError(f"checkpoint.every_steps={c.every_steps} must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
     grid, img = patch_grid(cfg)
     if cfg.run.job == "pretrain":
         _check_masking(cfg, grid)

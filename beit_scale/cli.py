@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 
@@ -24,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="tokenizer + pretraining on Fashion-MNIST, on a built-in default")
     q.add_argument("--output-dir", default="runs/quickstart")
     q.add_argument("--images", type=int, default=None, help="training images (default: the recipe's)")
+    c = sub.add_parser("consolidate", help="ZeRO shards -> one fp32 safetensors file plus the config")
+    c.add_argument("checkpoint", help="a step folder, a run's checkpoints folder or a run folder")
+    c.add_argument("out", help="output .safetensors path")
+    i = sub.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
+    i.add_argument("checkpoint")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -57,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.train.listing import models_table
 
             print(models_table())
+        elif args.command == "inspect":
+            from beit_scale.checkpoint.tools import inspect
+
+            report = inspect(args.checkpoint)
+            print(json.dumps(report, indent=2))
+            return 0 if report["complete"] else 1
+        elif args.command == "consolidate":
+            from beit_scale.checkpoint.tools import consolidate
+
+            consolidate(args.checkpoint, args.out)
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 

@@ -93,6 +93,15 @@ class TrainConfig:
     global_batch: int = 64  # images per optimizer step = micro_batch * grad_accum * ranks
     log_every: int = 10  # optimizer steps between console/TensorBoard logs (and host syncs)
     eval_batches: int = 20  # held-out micro batches evaluated at the end (needs data.val_root)
+    trace_samples: bool = False  # write the sample ids of every step per rank (proves the data order)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000  # optimizer steps between checkpoints (one is always saved at the end); 0 = end only
+    keep_last: int = 3  # committed checkpoints kept; older ones are pruned after a newer one commits
+    resume: bool = True  # relaunching the same command continues from the newest complete checkpoint
+    on_damaged: Literal["fallback", "fail"] = "fallback"  # a damaged newest checkpoint: use the previous, or stop
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -39,6 +39,25 @@ class RunLayout:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def checkpoints(self) -> Path:
+        """Sharded DeepSpeed checkpoints, one folder per saved step."""
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        """Pointer file naming the latest committed checkpoint; replaced atomically."""
+        return self.checkpoints / "latest_committed"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per logged step (rank 0)."""
+        return self.root / "metrics.jsonl"
+
+    def sample_trace(self, rank: int) -> Path:
+        """Sample ids each rank trained on, per step (only with train.trace_samples)."""
+        return self.root / f"samples_rank{rank:05d}.jsonl"
+
     def make(self) -> "RunLayout":
         self.root.mkdir(parents=True, exist_ok=True)
         return self

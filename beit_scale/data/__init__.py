@@ -4,12 +4,14 @@ from beit_scale.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from beit_scale.data.fashion_mnist import export_fashion_mnist
 from beit_scale.data.folder import SafeImageFolder
 from beit_scale.data.mim import MIMDataset
+from beit_scale.data.sampler import ResumableDistributedSampler
 from beit_scale.data.transforms import EvalTwoView, TwoViewTransform
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "EvalTwoView",
     "MIMDataset",
+    "ResumableDistributedSampler",
     "SafeImageFolder",
     "TwoViewTransform",
     "export_fashion_mnist",

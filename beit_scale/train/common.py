@@ -1,16 +1,27 @@
 """Pieces both training loops share: seeding, the epoch-aware loader, metrics and TensorBoard."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+import json
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from beit_scale.checkpoint import RunLayout
+from beit_scale.checkpoint.manager import CheckpointManager
+from beit_scale.config import Config, dump_yaml, to_dict
+from beit_scale.data import ResumableDistributedSampler
+from beit_scale.engine.core import build_engine, engine_dtype
+from beit_scale.engine.ds_config import build_ds_config, write_ds_config
+from beit_scale.train.state import TrainState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +32,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_engine(cfg: Config, model: nn.Module, info):
+    """Make the run folder, save the resolved config and ds_config (rank 0), wrap ``model`` in DeepSpeed.
+
+    Returns (layout, engine, schedule, compute dtype).
+    """
+    layout = RunLayout(Path(cfg.run.output_dir)).make()
+    ds_config = build_ds_config(cfg, info.world_size)
+    if info.rank == 0:
+        dump_yaml(cfg, layout.config)
+        write_ds_config(ds_config, layout.ds_config)
+    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps)
+    return layout, engine, schedule, engine_dtype(engine)
+
+
 def make_loader(dataset: Dataset, micro_batch: int, num_workers: int, seed: int, train: bool) -> DataLoader:
-    """A loader over this rank's shard; training shards reshuffle per epoch from ``seed``."""
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    """A loader over this rank's shard; training shards reshuffle per epoch from ``seed`` and can resume mid-epoch."""
+    sampler = (ResumableDistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if train
+               else DistributedSampler(dataset, shuffle=False))
     return DataLoader(
         dataset,
         batch_size=micro_batch,
@@ -32,36 +58,74 @@ def make_loader(dataset: Dataset, micro_batch: int, num_workers: int, seed: int,
         drop_last=train,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # workers are re-forked each epoch so they see the dataset's new epoch
+        # Its own generator: creating an iterator must not draw from the global RNG that drop path uses,
+        # or a run resumed mid-epoch would diverge. Samples do not depend on it (seeded per sample).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def epoch_batches(loader: DataLoader) -> Iterator[dict]:
-    """Batches forever; each pass over the data sets the epoch on the sampler and the dataset."""
-    if len(loader) == 0:
-        raise ValueError(
-            f"the training set gives no full batch per rank ({len(loader.dataset)} images, "
-            f"micro batch {loader.batch_size}); lower train.micro_batch or add images"
-        )
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("beit_scale", "torch", "deepspeed", "timm", "torchvision"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[TrainState, CheckpointManager]:
+    """The checkpoint manager for this run and the state to start from: the newest complete checkpoint's or step 0."""
+    meta = {"config": to_dict(cfg), "world_size": info.world_size, "zero_stage": engine.zero_optimization_stage(),
+            "dtype": str(engine_dtype(engine)).replace("torch.", ""), "versions": versions()}
+    c = cfg.checkpoint
+    manager = CheckpointManager(layout, c.every_steps, c.keep_last, c.on_damaged, info.rank, info.world_size, meta)
+    state = TrainState()
+    resumed = manager.resume(engine) if c.resume else None
+    if resumed is not None:
+        saved = resumed.rank_state
+        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        state.restarts += 1
+        restore_rng(saved["rng"])
+        log.info("continuing at step %d/%d (epoch %d, batch %d of this rank's shard), restart %d",
+                 state.step, cfg.train.total_steps, state.epoch, state.batch_in_epoch, state.restarts)
+    return state, manager
+
+
+def checkpoint_payload(state: TrainState) -> dict:
+    return {**state.to_dict(), "rng": capture_rng()}
+
+
+class SampleTrace:
+    """Per-rank JSON lines of the sample ids each step trained on (``train.trace_samples``)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a") if path is not None else None
+
+    def add(self, step: int, ids: torch.Tensor) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class Meter:
     """Sums of step metrics kept on the device; read (all-reduced, one host sync) every ``log_every`` steps."""
 
-    def __init__(self, writer, total_steps: int, images_per_step: int):
+    def __init__(self, writer, total_steps: int, images_per_step: int, first_step: int = 0,
+                 metrics_file: Path | None = None):
         self.writer = writer
+        self.metrics_file = metrics_file
         self.total_steps = total_steps
+        self.first_step = first_step
         self.images_per_step = images_per_step
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.start = self.window_start = time.perf_counter()
-        self.timed_steps = 0  # steps after the first, which carries start-up costs
+        self.timed_steps = 0  # steps after the first of this process, which carries start-up costs
         self.timed_start: float | None = None
 
     def add(self, **values: torch.Tensor) -> None:
@@ -70,8 +134,8 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
-    def step_done(self, step: int) -> None:
-        if step == 0:
+    def step_done(self) -> None:
+        if self.timed_start is None:
             self.timed_start = time.perf_counter()
         else:
             self.timed_steps += 1
@@ -94,12 +158,15 @@ class Meter:
         values["images_per_s"] = self.count * self.images_per_step / max(now - self.window_start, 1e-9)
         values.update(extra)
         done = step + 1
-        eta = (now - self.start) / done * (self.total_steps - done)
+        eta = (now - self.start) / max(done - self.first_step, 1) * (self.total_steps - done)
         text = " ".join(f"{k} {v:.4g}" for k, v in values.items())
         log.info("step %d/%d (%.0f%%) %s | eta %.0fs", done, self.total_steps, 100 * done / self.total_steps, text, eta)
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(f"train/{k}", v, done)
+        if self.metrics_file is not None:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps({"step": done, **values}) + "\n")
         self.sums.clear()
         self.count = 0
         self.window_start = now

@@ -3,26 +3,25 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from beit_scale.checkpoint import RunLayout
+from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.checks import patch_grid
-from beit_scale.config import Config, dump_yaml
+from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
-from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.dist import init_distributed
-from beit_scale.engine.ds_config import build_ds_config, write_ds_config
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, masked_positions
 from beit_scale.tokenizers import codebook_stats
-from beit_scale.train.common import Meter, epoch_batches, make_loader, seed_everything, tensorboard_writer
+from beit_scale.train.common import (Meter, SampleTrace, checkpoint_payload, make_loader, resume_or_start,
+                                    seed_everything, start_engine, tensorboard_writer)
+from beit_scale.train.state import BatchStream
 from beit_scale.train.images import save_mask_grid
 
 log = logging.getLogger(__name__)
@@ -52,18 +51,12 @@ def pretrain_step(engine, tokenizer, batch: dict, device, dtype):
 def run(cfg: Config) -> dict:
     """Pretrain per ``cfg``; returns the summary that rank 0 also writes to ``summary.json``."""
     info = init_distributed()
-    layout = RunLayout(Path(cfg.run.output_dir)).make()
     seed_everything(cfg.run.seed)
     grid, img_size = patch_grid(cfg)
 
     tokenizer = load_tokenizer(cfg.tokenizer.path).to(info.device)
     model = build_mim_model(cfg.model, tokenizer.vocab_size)
-    ds_config = build_ds_config(cfg, info.world_size)
-    if info.rank == 0:
-        dump_yaml(cfg, layout.config)
-        write_ds_config(ds_config, layout.ds_config)
-    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps)
-    dtype = engine_dtype(engine)
+    layout, engine, schedule, dtype = start_engine(cfg, model, info)
     log.info("pretraining %s (%.2fM parameters) on %d rank(s), %s, ZeRO %d; tokenizer %s (vocab %d)",
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, dtype,
              engine.zero_optimization_stage(), cfg.tokenizer.path, tokenizer.vocab_size)
@@ -76,34 +69,44 @@ def run(cfg: Config) -> dict:
                                  tokenizer_pixel_map=tokenizer.map_pixels)
     train_set = MIMDataset(SafeImageFolder(d.root), transform, mask_gen, cfg.run.seed)
     loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    batches = epoch_batches(loader)
+    state, checkpoints = resume_or_start(cfg, layout, info, engine)
+    batches = BatchStream(loader, state)
     writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch)
+    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
+                  layout.metrics if info.rank == 0 else None)
+    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
     token_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
+    last = {"loss": float("nan"), "mask_acc": float("nan")}
 
     engine.train()
-    for step in range(cfg.train.total_steps):
+    for step in range(state.step, cfg.train.total_steps):
         schedule.apply(step)
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)
+            trace.add(step + 1, batch["index"])
             if step == 0 and info.rank == 0:
                 save_mask_grid(batch, d.mean, d.std, layout.images / "masks.png", writer)
             loss, acc, targets = pretrain_step(engine, tokenizer, batch, info.device, dtype)
             token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
             meter.add(loss=loss, mask_acc=acc)
-        meter.step_done(step)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.total_steps:
+        state.step = step + 1
+        meter.step_done()
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
             norm = engine.get_global_grad_norm()
             last = meter.flush(step, lr=engine.optimizer.param_groups[0]["lr"],
                                grad_norm=float("nan") if norm is None else float(norm))
+        faults.maybe_kill("after_step", state.step, info.rank)
+        if checkpoints.due(state.step, cfg.train.total_steps):
+            checkpoints.save(engine, state.step, checkpoint_payload(state))
+    trace.close()
 
     images_per_second = meter.images_per_second
-    state = full_state_dict(engine)
+    weights = full_state_dict(engine)
     if info.rank == 0:
-        save_weights(state, layout.model, {"format": "beit_scale.mim.v1", "model": cfg.model.name})
+        save_weights(weights, layout.model, {"format": "beit_scale.mim.v1", "model": cfg.model.name})
     summary = {"final_loss": last["loss"], "train_masked_token_accuracy": last["mask_acc"],
                "images_per_second": images_per_second, "steps": cfg.train.total_steps,
-               "world_size": info.world_size}
+               "world_size": info.world_size, "restarts": state.restarts}
     if d.val_root:
         summary.update(evaluate(engine, tokenizer, cfg, mask_gen, img_size, info, dtype))
     if dist.is_initialized():

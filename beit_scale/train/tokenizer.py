@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from beit_scale.checkpoint import RunLayout
+from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
 from beit_scale.checks import tokenizer_arch_kwargs
-from beit_scale.config import Config, dump_yaml
+from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
-from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.dist import init_distributed
-from beit_scale.engine.ds_config import build_ds_config, write_ds_config
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
-from beit_scale.train.common import Meter, epoch_batches, make_loader, seed_everything, tensorboard_writer
+from beit_scale.train.common import (Meter, SampleTrace, checkpoint_payload, make_loader, resume_or_start,
+                                    seed_everything, start_engine, tensorboard_writer)
+from beit_scale.train.state import BatchStream
 from beit_scale.train.images import save_reconstructions
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,10 @@ log = logging.getLogger(__name__)
 def run(cfg: Config) -> dict:
     """Train a tokenizer per ``cfg``; writes ``tokenizer.safetensors``, reconstructions and ``summary.json``."""
     info = init_distributed()
-    layout = RunLayout(Path(cfg.run.output_dir)).make()
     seed_everything(cfg.run.seed)
     t = cfg.tokenizer
     model = DiscreteVAE(DVAEArch(**tokenizer_arch_kwargs(cfg)))
-    ds_config = build_ds_config(cfg, info.world_size)
-    if info.rank == 0:
-        dump_yaml(cfg, layout.config)
-        write_ds_config(ds_config, layout.ds_config)
-    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps)
-    dtype = engine_dtype(engine)
+    layout, engine, schedule, dtype = start_engine(cfg, model, info)
     log.info("training a dVAE tokenizer (vocab %d, %d px, %dx%d tokens, %.2fM parameters) on %d rank(s), %s",
              t.vocab_size, t.input_size, model.grid_size, model.grid_size,
              sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, dtype)
@@ -47,34 +41,44 @@ def run(cfg: Config) -> dict:
                                  color_jitter=d.color_jitter, tokenizer_pixel_map=model.map_pixels)
     loader = make_loader(MIMDataset(SafeImageFolder(d.root), transform, None, cfg.run.seed),
                          cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    batches = epoch_batches(loader)
+    state, checkpoints = resume_or_start(cfg, layout, info, engine)
+    batches = BatchStream(loader, state)
     writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch)
+    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
+                  layout.metrics if info.rank == 0 else None)
+    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
     anneal_steps = max(1, round(t.anneal_fraction * cfg.train.total_steps))
 
     engine.train()
-    for step in range(cfg.train.total_steps):
+    for step in range(state.step, cfg.train.total_steps):
         schedule.apply(step)
         temperature = gumbel_temperature(step, anneal_steps, t.temperature_start, t.temperature_end)
         for _ in range(cfg.train.grad_accum):
-            views = next(batches)["tokenizer_view"].to(info.device, dtype, non_blocking=True)
+            batch = next(batches)
+            trace.add(step + 1, batch["index"])
+            views = batch["tokenizer_view"].to(info.device, dtype, non_blocking=True)
             out = engine(views, temperature, t.kl_weight)
             engine.backward(out.loss)
             engine.step()
             meter.add(loss=out.loss, recon_loss=out.recon_loss, kl=out.kl)
-        meter.step_done(step)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.total_steps:
+        state.step = step + 1
+        meter.step_done()
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
             usage, perplexity = codebook_stats(out.logits.argmax(1).flatten(), t.vocab_size)
             meter.flush(step, temperature=temperature, lr=engine.optimizer.param_groups[0]["lr"],
                         codebook_usage=float(usage), perplexity=float(perplexity))
-        if t.recon_every and (step + 1) % t.recon_every == 0:
-            _write_reconstructions(engine, layout, views, writer, step + 1, info.rank)
+        if t.recon_every and state.step % t.recon_every == 0:
+            _write_reconstructions(engine, layout, views, writer, state.step, info.rank)
+        faults.maybe_kill("after_step", state.step, info.rank)
+        if checkpoints.due(state.step, cfg.train.total_steps):
+            checkpoints.save(engine, state.step, checkpoint_payload(state))
+    trace.close()
 
     images_per_second = meter.images_per_second
-    state = full_state_dict(engine)  # collective under ZeRO-3
+    weights = full_state_dict(engine)  # collective under ZeRO-3
     summary = {}
     if info.rank == 0:
-        save_tokenizer(model, state, layout.tokenizer)
+        save_tokenizer(model, weights, layout.tokenizer)
         # Evaluate the file we wrote, so the numbers describe what pretraining will load.
         tokenizer = load_tokenizer(layout.tokenizer)
         summary = evaluate_tokenizer(tokenizer, cfg, layout, writer)

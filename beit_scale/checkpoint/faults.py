@@ -1,0 +1,42 @@
+"""Test hook: kill this process at a named point of training or of a checkpoint save.
+
+``BEIT_SCALE_FAULT=<point>@<step>[:<rank>]`` kills rank ``rank`` (default 0) with SIGKILL when the run
+reaches ``point`` at optimizer step ``step``. Points: ``after_step`` (a step finished, nothing saved),
+``before_files`` (a save began, nothing written), ``mid_file`` (the shards are written but one is cut
+in half, as a write interrupted part way), ``after_shards`` (every rank's files, no manifest),
+``after_manifest`` (manifest written, pointer not replaced).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+POINTS = ("after_step", "before_files", "mid_file", "after_shards", "after_manifest")
+
+
+def _armed(point: str, step: int, rank: int) -> bool:
+    spec = os.environ.get("BEIT_SCALE_FAULT", "")
+    if not spec:
+        return False
+    where, _, rest = spec.partition("@")
+    at_step, _, at_rank = rest.partition(":")
+    if where not in POINTS:
+        raise ValueError(f"BEIT_SCALE_FAULT={spec!r}: point must be one of {', '.join(POINTS)}")
+    return where == point and int(at_step) == step and int(at_rank or 0) == rank
+
+
+def maybe_kill(point: str, step: int, rank: int, cut: Path | None = None) -> None:
+    """SIGKILL this process if the fault hook names this point; with ``cut``, first truncate that file."""
+    if not _armed(point, step, rank):
+        return
+    if cut is not None:
+        size = cut.stat().st_size
+        with open(cut, "r+b") as f:
+            f.truncate(size // 2)
+    log.warning("fault hook: killing rank %d at %s of step %d", rank, point, step)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,169 @@
+"""Save and resume sharded DeepSpeed checkpoints atomically, with the per-rank state DeepSpeed does not keep.
+
+A save is committed in this order, so a kill at any point leaves the previous checkpoint usable:
+engine shards and per-rank state (every rank) -> barrier -> manifest with sizes and sha256 of every file
+(written last, atomically) -> latest pointer (atomic replace) -> pruning of older checkpoints.
+A checkpoint without a manifest is incomplete and never loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from beit_scale.checkpoint import faults
+from beit_scale.checkpoint.files import (MANIFEST, atomic_write_text, check_files, committed_tags, meta_file,
+                                         payload_files, rank_state_file, read_manifest, sha256, step_of, tag_of)
+from beit_scale.checkpoint.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be resumed; the message names the files and reasons."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    tag: str
+    step: int
+    rank_state: dict  # TrainState fields and "rng"
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Owns ``<output_dir>/checkpoints``; every method is collective (all ranks call it)."""
+
+    def __init__(self, layout: RunLayout, every_steps: int, keep_last: int, on_damaged: str, rank: int, world: int,
+                 meta: dict):
+        self.root, self.layout = layout.checkpoints, layout
+        self.every_steps, self.keep_last, self.on_damaged = every_steps, keep_last, on_damaged
+        self.rank, self.world, self.meta = rank, world, meta
+
+    # ------------------------------------------------------------------------------------------------ save
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def save(self, engine, step: int, rank_state: dict) -> Path:
+        """Commit a checkpoint of ``engine`` after optimizer step ``step``."""
+        start = time.perf_counter()
+        tag = tag_of(step)
+        ckpt = self.root / tag
+        faults.maybe_kill("before_files", step, self.rank)
+        if self.rank == 0 and ckpt.exists():  # an incomplete attempt at this step from a killed run
+            shutil.rmtree(ckpt)
+        _barrier()
+        # Universal-checkpoint info lets ds_to_universal convert ZeRO-2 saves later (resume on other world sizes).
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+        path = rank_state_file(ckpt, self.rank)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(rank_state, tmp)
+        tmp.replace(path)
+        if self.rank == 0:
+            atomic_write_text(meta_file(ckpt), json.dumps({**self.meta, "step": step}, indent=2))
+        faults.maybe_kill("mid_file", step, self.rank, cut=path)
+        faults.maybe_kill("after_shards", step, self.rank)
+        _barrier()
+        files = payload_files(ckpt)
+        mine = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256(p)}
+                for i, p in enumerate(files) if i % self.world == self.rank}
+        entries = {k: v for part in _all_gather(mine) for k, v in part.items()}
+        if self.rank == 0:
+            manifest = {"tag": tag, "step": step, "world_size": self.world, "files": entries}
+            atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+            faults.maybe_kill("after_manifest", step, self.rank)
+            atomic_write_text(self.layout.latest, tag + "\n")
+            self._prune(step)
+        _barrier()
+        log.info("saved checkpoint %s (%d files, %.1f MB) in %.1fs", ckpt, len(entries),
+                 sum(e["size"] for e in entries.values()) / 1e6, time.perf_counter() - start)
+        return ckpt
+
+    def _prune(self, newest: int) -> None:
+        """Keep the ``keep_last`` newest committed checkpoints; drop incomplete ones older than ``newest``."""
+        committed = committed_tags(self.root)  # includes the one just committed
+        for tag in committed[self.keep_last:]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            log.info("pruned checkpoint %s", tag)
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name not in committed and p.name.startswith("step_") and step_of(p.name) < newest:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed incomplete checkpoint %s", p.name)
+
+    # ---------------------------------------------------------------------------------------------- resume
+
+    def resume(self, engine) -> Resumed | None:
+        """Load the newest complete, undamaged checkpoint; None when there is none to resume.
+
+        Damaged checkpoints (missing, truncated or altered files) are named on every rank; with
+        ``on_damaged='fallback'`` the previous complete one is tried, else this raises. It never returns
+        None while a committed checkpoint exists that could not be loaded.
+        """
+        tags = committed_tags(self.root)
+        if not tags:
+            leftovers = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+            if leftovers:
+                log.warning("no complete checkpoint in %s (only %s); starting from step 0", self.root, leftovers)
+            return None
+        failures = []
+        for tag in tags:
+            reason = self._check(tag)
+            if reason is None:
+                try:
+                    resumed, error = self._load(engine, tag), None
+                except Exception as err:  # DeepSpeed raises many types for unreadable shards
+                    resumed, error = None, f"rank {self.rank}: loading failed: {type(err).__name__}: {err}"
+                errors = [e for e in _all_gather(error) if e]  # all ranks agree, so none waits alone
+                if not errors:
+                    return resumed
+                reason = "; ".join(errors)
+            failures.append(f"{self.root / tag}: {reason}")
+            log.error("checkpoint %s cannot be resumed: %s", self.root / tag, reason)
+            if self.on_damaged == "fail":
+                break
+            if tag != tags[-1]:
+                log.warning("falling back to the previous complete checkpoint")
+        raise CheckpointError("no checkpoint can be resumed (checkpoint.on_damaged="
+                              f"{self.on_damaged}):\n  " + "\n  ".join(failures))
+
+    def _check(self, tag: str) -> str | None:
+        """Every rank verifies a share of the files; all ranks get every problem (no rank waits alone)."""
+        ckpt = self.root / tag
+        manifest = read_manifest(ckpt)
+        if manifest is None:
+            return "manifest unreadable"
+        if manifest["world_size"] != self.world:
+            return (f"saved by {manifest['world_size']} ranks but this run has {self.world}; resuming on a different "
+                    f"number of ranks is not supported yet: relaunch with {manifest['world_size']} ranks")
+        problems = [p for part in _all_gather(check_files(ckpt, manifest["files"], (self.rank, self.world)))
+                    for p in part]
+        return "; ".join(map(str, problems)) or None
+
+    def _load(self, engine, tag: str) -> Resumed:
+        load_path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError("DeepSpeed found no checkpoint to load")
+        state = torch.load(rank_state_file(self.root / tag, self.rank), weights_only=True)
+        log.info("resumed from %s at step %d", self.root / tag, step_of(tag))
+        return Resumed(tag, step_of(tag), state)
