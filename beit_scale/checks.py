@@ -39,6 +39,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.run.job == "pretrain":
         _check_masking(cfg, grid)
         _check_tokenizer_file(cfg, grid, img)
+    elif cfg.run.job in ("finetune", "linprobe"):
+        _check_finetune(cfg)
     else:
         _check_tokenizer_arch(cfg, grid, img)
 
@@ -122,3 +124,73 @@ def tokenizer_arch_kwargs(cfg: Config) -> dict:
     t = cfg.tokenizer
     return dict(vocab_size=t.vocab_size, input_size=t.input_size, downsample=t.downsample,
                 hidden_dim=t.hidden_dim, codebook_dim=t.codebook_dim, num_res_blocks=t.num_res_blocks)
+
+
+def _class_folders(root: str) -> list[str]:
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def _check_finetune(cfg: Config) -> None:
+    """`finetune` and `linprobe`: ranges, the augmentation a linear probe must not use, classes, the source."""
+    f, job = cfg.finetune, cfg.run.job
+    for name in ("train_fraction", "crop_pct"):
+        if not 0 < getattr(f, name) <= 1:
+            raise ValueError(f"finetune.{name}={getattr(f, name)} must be in (0, 1]")
+    for name in ("re_prob", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(f, name) <= 1:
+            raise ValueError(f"finetune.{name}={getattr(f, name)} is a probability and must be in [0, 1]")
+    if not 0 < f.layer_decay <= 1:
+        raise ValueError(f"finetune.layer_decay={f.layer_decay} must be in (0, 1] (0.65 base, 0.75 large; 1 = none)")
+    if not 0 <= f.label_smoothing < 1 or f.mixup < 0 or f.cutmix < 0 or f.head_init_scale <= 0:
+        raise ValueError("finetune.label_smoothing must be in [0, 1), finetune.mixup and finetune.cutmix >= 0 "
+                         "(0 disables) and finetune.head_init_scale > 0")
+    if f.num_classes < 0 or f.eval_every < 0:
+        raise ValueError(f"finetune.num_classes={f.num_classes} (0 = the class folders of data.root) and "
+                         f"finetune.eval_every={f.eval_every} (0 = at the end only) must be >= 0")
+    if f.auto_augment:
+        from timm.data import create_transform
+
+        try:  # timm parses the policy string when it builds the transform
+            create_transform(32, is_training=True, auto_augment=f.auto_augment)
+        except (AssertionError, ValueError, KeyError, IndexError):
+            raise ValueError(f"finetune.auto_augment={f.auto_augment!r} is not a timm policy; use e.g. "
+                             "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 or v0, or '' for none") from None
+    if not 0 <= f.ema_decay < 1:
+        raise ValueError(f"finetune.ema_decay={f.ema_decay} must be in [0, 1), e.g. 0.9999; 0 disables the EMA")
+    if (f.mixup > 0 or f.cutmix > 0) and cfg.train.micro_batch % 2:
+        raise ValueError(f"train.micro_batch={cfg.train.micro_batch} must be even with mixup/cutmix (timm mixes "
+                         "each batch with its reverse)")
+    if f.ema_decay > 0:
+        from beit_scale.engine.ds_config import load_ds_config  # JSON only
+
+        stage = cfg.engine.zero_stage
+        stage = load_ds_config(cfg.engine.ds_config).get("zero_optimization", {}).get("stage", 0) if stage is None else stage
+        if stage == 3:
+            raise ValueError("finetune.ema_decay needs engine.zero_stage <= 2: at ZeRO-3 each rank holds only a slice "
+                             "of the weights, so an EMA would gather the whole model every step; set "
+                             "finetune.ema_decay=0 or engine.zero_stage=2")
+    if job == "linprobe":
+        depth = get_spec(cfg.model.name).depth
+        if not 0 <= f.probe_block <= depth:
+            raise ValueError(f"finetune.probe_block={f.probe_block} must be in [1, {depth}] blocks of {cfg.model.name} "
+                             "(0 = the last)")
+        used = [f"finetune.{n}={getattr(f, n)!r}" for n, off in (("mixup", 0.0), ("cutmix", 0.0), ("re_prob", 0.0),
+                                                                ("auto_augment", ""), ("ema_decay", 0.0),
+                                                                ("layer_decay", 1.0)) if getattr(f, n) != off]
+        if used:
+            raise ValueError(f"a linear probe trains one layer on frozen features without heavy augmentation: "
+                             f"{', '.join(used)} must be left at 0 ('' for auto_augment, 1 for layer_decay)")
+    classes = _class_folders(cfg.data.root)
+    if f.num_classes and f.num_classes != len(classes):
+        raise ValueError(f"finetune.num_classes={f.num_classes} but data.root={cfg.data.root!r} has {len(classes)} "
+                         f"class folders; set finetune.num_classes={len(classes)} (or 0 to count them)")
+    if cfg.data.val_root and _class_folders(cfg.data.val_root) != classes:
+        raise ValueError(f"data.val_root={cfg.data.val_root!r} must hold the same class folders as data.root "
+                         f"(labels are the sorted folder names); they differ")
+    if f.init_from:
+        from beit_scale.checkpoint.export import describe_source  # metadata only
+
+        source = describe_source(f.init_from)
+        if source.model and source.model != cfg.model.name:
+            raise ValueError(f"finetune.init_from={f.init_from!r} was trained as {source.model} but "
+                             f"model.name={cfg.model.name}; set model.name={source.model}")

@@ -11,14 +11,16 @@ from beit_scale.logs import setup_logging
 
 log = logging.getLogger("beit_scale")
 
-JOBS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer"}
+JOBS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "linprobe"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beit-scale", description="BEiT pretraining at cluster scale on DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("pretrain", "masked image modeling (stage 2)"),
-                            ("train-tokenizer", "train the dVAE image tokenizer (stage 1)")):
+                            ("train-tokenizer", "train the dVAE image tokenizer (stage 1)"),
+                            ("finetune", "image classification from pretrained weights, layer-wise lr decay"),
+                            ("linprobe", "linear classifier on frozen features of one block")):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=True, help="shipped recipe name or YAML path")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=100")
@@ -28,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="ZeRO shards -> one fp32 safetensors file plus the config")
     c.add_argument("checkpoint", help="a step folder, a run's checkpoints folder or a run folder")
     c.add_argument("out", help="output .safetensors path")
+    e = sub.add_parser("export", help="weights -> safetensors that load strictly into timm's Beit")
+    e.add_argument("source", help="a run folder, a checkpoint folder or a .safetensors weights file")
+    e.add_argument("out", help="output .safetensors path")
+    e.add_argument("--timm-name", default=None, help="timm entry to check the strict load against, "
+                   "e.g. beit_base_patch16_224 (default: the source's zoo name, where timm has it)")
+    e.add_argument("--model", default=None, help="zoo name of the source where its files do not record it")
     i = sub.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
     i.add_argument("checkpoint")
     sub.add_parser("models", help="list the model zoo with parameter counts")
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.checkpoint.tools import consolidate
 
             consolidate(args.checkpoint, args.out)
+        elif args.command == "export":
+            from beit_scale.checkpoint.export import export_for_timm
+
+            print(json.dumps(export_for_timm(args.source, args.out, args.timm_name, args.model), indent=2))
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 
@@ -85,12 +97,24 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_job_config(args.command, args.config, args.overrides)
             if args.command == "pretrain":
                 from beit_scale.train import pretrain as job
+            elif args.command == "finetune":
+                from beit_scale.train import finetune as job
+            elif args.command == "linprobe":
+                from beit_scale.train import linprobe as job
             else:
                 from beit_scale.train import tokenizer as job
             job.run(cfg)
     except ValueError as err:
         log.error("%s", err)
         return 2
+    except RuntimeError as err:
+        from beit_scale.checkpoint.manager import CheckpointError
+        from beit_scale.train.common import NonFiniteError
+
+        if not isinstance(err, (CheckpointError, NonFiniteError)):
+            raise
+        log.error("%s", err)  # every rank says it: all ranks reach the same decision
+        return 3
     finally:
         from beit_scale.engine.dist import destroy
 

@@ -23,7 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class RunConfig:
-    job: Literal["pretrain", "tokenizer"] = "pretrain"  # which training loop reads this recipe
+    job: Literal["pretrain", "tokenizer", "finetune", "linprobe"] = "pretrain"  # which training loop reads this recipe
     name: str = "run"  # tag of the run, e.g. pt22k
     output_dir: str = "runs/default"  # folder for config, logs, TensorBoard, checkpoints and summary
     seed: int = 0  # seeds weights, data order, augmentation and masks
@@ -94,6 +94,8 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between console/TensorBoard logs (and host syncs)
     eval_batches: int = 20  # held-out micro batches evaluated at the end (needs data.val_root)
     trace_samples: bool = False  # write the sample ids of every step per rank (proves the data order)
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss or gradient: skip the step everywhere, or stop
+    max_consecutive_skips: int = 10  # this many skipped steps in a row stop the run
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,29 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Image classification from pretrained weights (`finetune`) and linear probing (`linprobe`)."""
+
+    init_from: str = ""  # run folder, checkpoint step folder or .safetensors weights; "" trains from scratch
+    num_classes: int = 0  # outputs of the head; 0 = the number of class folders in data.root
+    train_fraction: float = 1.0  # share of each class of data.root trained on (seeded by run.seed), e.g. 0.1
+    layer_decay: float = 1.0  # lr scale ratio between consecutive layers (0.65 base, 0.75 large); 1 = none
+    head_init_scale: float = 0.001  # the head's trunc-normal(0.02) init is multiplied by this
+    auto_augment: str = ""  # timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "" = none
+    re_prob: float = 0.0  # random erasing probability per image
+    mixup: float = 0.0  # mixup alpha; 0 disables
+    cutmix: float = 0.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0  # probability of mixing a batch when mixup or cutmix is on
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.0  # target smoothing (also applied to the mixed targets)
+    crop_pct: float = 0.875  # evaluation centre crop: shorter side resized to img_size / crop_pct
+    eval_every: int = 0  # optimizer steps between top-1/top-5 evaluations on data.val_root; 0 = only at the end
+    ema_decay: float = 0.0  # EMA of the weights per optimizer step, e.g. 0.9999; 0 disables (ZeRO 0-2 only)
+    probe_block: int = 0  # linprobe: features after this many blocks (1-based); 0 = after the last block
+    probe_norm: Literal["batchnorm", "layernorm"] = "batchnorm"  # linprobe: normalisation without affine
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,6 +147,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ----------------------------------------------------------------------------------------------- loading

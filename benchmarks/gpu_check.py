@@ -66,7 +66,7 @@ def fp32_matches_reference(info):
     ds_losses = []
     for s, b in enumerate(batches):
         sched.apply(s)
-        ds_losses.append(pretrain_step(engine, tok, b, info.device, torch.float32)[0].item())
+        ds_losses.append(pretrain_step(engine, tok, b, info.device, torch.float32).loss.item())
     torch.manual_seed(0)
     ref = build_mim_model(cfg.model, 512).to(info.device)
     opt = build_optimizer(ref, cfg.optim)
@@ -103,7 +103,7 @@ def bf16_every_stage(info):
         losses = []
         for s in range(3):
             sched.apply(s)
-            losses.append(pretrain_step(engine, tok, b, info.device, dtype)[0].item())
+            losses.append(pretrain_step(engine, tok, b, info.device, dtype).loss.item())
         first[(precision, stage)] = losses[0]
         ref = first[("fp32", 1)]
         emit(check=f"{precision}_zero{stage}_cuda", losses=losses,
@@ -126,7 +126,7 @@ def throughput(info, stage, batch, with_tokenizer, steps=20, warmup=5):
 
     def step(b):
         if with_tokenizer:
-            return pretrain_step(engine, tok, b, info.device, dtype)[0]
+            return pretrain_step(engine, tok, b, info.device, dtype).loss
         images, _, mask, idx = to_device(b, info.device, dtype)
         loss = F.cross_entropy(engine(images, mask, idx).float(), targets)
         engine.backward(loss)

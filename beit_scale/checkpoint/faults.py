@@ -5,6 +5,9 @@ reaches ``point`` at optimizer step ``step``. Points: ``after_step`` (a step fin
 ``before_files`` (a save began, nothing written), ``mid_file`` (the shards are written but one is cut
 in half, as a write interrupted part way), ``after_shards`` (every rank's files, no manifest),
 ``after_manifest`` (manifest written, pointer not replaced).
+
+``BEIT_SCALE_FAULT=nan_loss@<step>[:<rank>]`` instead makes that rank's loss NaN at that optimizer step,
+once (its retry is clean), and ``nan_loss@<step>+`` at every step from there on.
 """
 from __future__ import annotations
 
@@ -23,9 +26,30 @@ def _armed(point: str, step: int, rank: int) -> bool:
         return False
     where, _, rest = spec.partition("@")
     at_step, _, at_rank = rest.partition(":")
+    if where == "nan_loss":
+        return False
     if where not in POINTS:
         raise ValueError(f"BEIT_SCALE_FAULT={spec!r}: point must be one of {', '.join(POINTS)}")
     return where == point and int(at_step) == step and int(at_rank or 0) == rank
+
+
+def poison(loss, step: int, rank: int):
+    """The loss, or NaN times it where ``nan_loss`` names this step (1-based) and rank."""
+    spec = os.environ.get("BEIT_SCALE_FAULT", "")
+    if not spec.startswith("nan_loss@"):
+        return loss
+    at, _, at_rank = spec[len("nan_loss@"):].partition(":")
+    if int(at_rank or 0) != rank:
+        return loss
+    if at.endswith("+"):
+        hit = step >= int(at[:-1])
+    else:  # once: the retried step (a skipped step keeps its number) gets a finite loss
+        hit = step == int(at) and step not in _POISONED
+        _POISONED.add(step)
+    return loss * float("nan") if hit else loss
+
+
+_POISONED: set[int] = set()
 
 
 def maybe_kill(point: str, step: int, rank: int, cut: Path | None = None) -> None:

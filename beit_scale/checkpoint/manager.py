@@ -21,6 +21,7 @@ from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.files import (MANIFEST, atomic_write_text, check_files, committed_tags, meta_file,
                                          payload_files, rank_state_file, read_manifest, sha256, step_of, tag_of)
 from beit_scale.checkpoint.layout import RunLayout
+from beit_scale.checkpoint.safety import check_unpickle_safe
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,12 @@ class CheckpointManager:
         if manifest["world_size"] != self.world:
             return (f"saved by {manifest['world_size']} ranks but this run has {self.world}; resuming on a different "
                     f"number of ranks is not supported yet: relaunch with {manifest['world_size']} ranks")
-        problems = [p for part in _all_gather(check_files(ckpt, manifest["files"], (self.rank, self.world)))
-                    for p in part]
-        return "; ".join(map(str, problems)) or None
+        mine = [str(p) for p in check_files(ckpt, manifest["files"], (self.rank, self.world))]
+        if not mine:  # intact files: make sure no pickle in this rank's share can run code when DeepSpeed loads it
+            share = [ckpt / rel for i, rel in enumerate(sorted(manifest["files"])) if i % self.world == self.rank]
+            mine = check_unpickle_safe(share)
+        problems = [p for part in _all_gather(mine) for p in part]
+        return "; ".join(problems) or None
 
     def _load(self, engine, tag: str) -> Resumed:
         load_path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,

@@ -9,6 +9,7 @@ import yaml
 
 from beit_scale.checkpoint.files import check_files, committed_tags, meta_file, read_manifest
 from beit_scale.checkpoint.layout import RunLayout
+from beit_scale.checkpoint.safety import UnsafeCheckpointError, check_unpickle_safe
 from beit_scale.checkpoint.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     report = inspect(ckpt)
     if not report["complete"]:
         raise ValueError(f"checkpoint {ckpt} is not complete: {'; '.join(report['problems'])}")
+    unsafe = check_unpickle_safe(sorted(ckpt.glob("*.pt")))
+    if unsafe:
+        raise UnsafeCheckpointError(f"checkpoint {ckpt} not consolidated: {'; '.join(unsafe)}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

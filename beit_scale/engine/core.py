@@ -20,8 +20,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (e.g. layer-decay groups with ``lr_scale``), by default :func:`param_groups`."""
+    groups = param_groups(model, cfg.weight_decay) if groups is None else groups
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 class StepSchedule:
@@ -46,9 +48,10 @@ class StepSchedule:
         self._sched.step_update(step)
 
 
-def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_config: dict, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine; returns (engine, schedule)."""
-    optimizer = build_optimizer(model, optim_cfg)
+def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_config: dict, total_steps: int,
+                 groups: list[dict] | None = None):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, schedule). ``groups``: see :func:`build_optimizer`."""
+    optimizer = build_optimizer(model, optim_cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     schedule = StepSchedule(engine.optimizer, optim_cfg, total_steps)
     return engine, schedule
@@ -59,7 +62,31 @@ def engine_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
-def grad_norm(engine) -> torch.Tensor:
-    """The global grad norm DeepSpeed computed for the last step, as a tensor (nan where unavailable)."""
-    norm = engine.get_global_grad_norm()
-    return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach().cpu()
+def guarded_step(engine) -> bool:
+    """``engine.step()``; False when the optimizer step was skipped for a non-finite gradient.
+
+    DeepSpeed already skips such steps on every rank together, except with ZeRO-0 in fp32, where a NaN
+    gradient would reach the weights: there the (all-reduced, identical on every rank) gradients are
+    checked at the accumulation boundary and the update is skipped.
+    """
+    if (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+            and engine.is_gradient_accumulation_boundary()):
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norms = torch._foreach_norm([p.grad for p in params]) if params else []
+        finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True  # one host sync
+        if finite:
+            engine.step()
+            return True
+        # Skip the update but keep DeepSpeed's own step bookkeeping: zero gradients (clipping stays finite)
+        # and an optimizer.step that does nothing for this one call, so AdamW's moments and counts stay put.
+        for p in params:
+            p.grad.zero_()
+        optimizer = engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the method once
+        try:
+            engine.step()
+        finally:
+            del optimizer.step
+        return False
+    engine.step()
+    return engine.was_step_applied()

@@ -21,7 +21,7 @@ from beit_scale.config import Config, dump_yaml, to_dict
 from beit_scale.data import ResumableDistributedSampler
 from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.ds_config import build_ds_config, write_ds_config
-from beit_scale.train.state import TrainState, capture_rng, restore_rng
+from beit_scale.train.state import BatchStream, TrainState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,63 @@ def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[Train
     resumed = manager.resume(engine) if c.resume else None
     if resumed is not None:
         saved = resumed.rank_state
-        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         state.restarts += 1
         restore_rng(saved["rng"])
         log.info("continuing at step %d/%d (epoch %d, batch %d of this rank's shard), restart %d",
                  state.step, cfg.train.total_steps, state.epoch, state.batch_in_epoch, state.restarts)
     return state, manager
+
+
+@dataclasses.dataclass
+class Loop:
+    """What a training loop reads and writes besides the engine."""
+
+    state: TrainState
+    checkpoints: CheckpointManager
+    batches: BatchStream
+    writer: object  # SummaryWriter on rank 0, else None
+    meter: "Meter"
+    trace: "SampleTrace"
+
+    def close(self) -> None:
+        self.trace.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def start_loop(cfg: Config, layout: RunLayout, info, engine, loader: DataLoader) -> Loop:
+    """Resume (or start at step 0), then open the batch stream, TensorBoard, metrics and sample trace."""
+    state, checkpoints = resume_or_start(cfg, layout, info, engine)
+    writer = tensorboard_writer(layout.tensorboard, info.rank)
+    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
+                  layout.metrics if info.rank == 0 else None)
+    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
+    return Loop(state, checkpoints, BatchStream(loader, state), writer, meter, trace)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite losses or gradients (policy ``stop`` or too many skips in a row)."""
+
+
+def skip_nonfinite_step(state: TrainState, cfg: Config, layout: RunLayout) -> None:
+    """Account for an optimizer step that every rank skipped; raise NonFiniteError when the policy says stop.
+
+    The step counter (and so the schedule) does not advance; the skipped micro batches are not reused.
+    """
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    step = state.step + 1
+    if cfg.train.on_nonfinite == "stop" or state.consecutive_skips >= cfg.train.max_consecutive_skips:
+        latest = layout.latest.read_text().strip() if layout.latest.is_file() else "none"
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} ({state.consecutive_skips} skipped in a row, "
+            f"{state.skipped_steps} in all; train.on_nonfinite={cfg.train.on_nonfinite}, "
+            f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}); last checkpoint: "
+            f"{layout.checkpoints / latest if latest != 'none' else 'none'}"
+        )
+    log.warning("non-finite loss or gradient at step %d: skipped on every rank (%d in a row, %d in all)",
+                step, state.consecutive_skips, state.skipped_steps)
 
 
 def checkpoint_payload(state: TrainState) -> dict:

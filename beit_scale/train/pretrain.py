@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,13 +17,13 @@ from beit_scale.checkpoint.weights import save_weights
 from beit_scale.checks import patch_grid
 from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
+from beit_scale.engine.core import guarded_step
 from beit_scale.engine.dist import init_distributed
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, masked_positions
 from beit_scale.tokenizers import codebook_stats
-from beit_scale.train.common import (Meter, SampleTrace, checkpoint_payload, make_loader, resume_or_start,
-                                    seed_everything, start_engine, tensorboard_writer)
-from beit_scale.train.state import BatchStream
+from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+                                    start_engine, start_loop)
 from beit_scale.train.images import save_mask_grid
 
 log = logging.getLogger(__name__)
@@ -36,16 +38,25 @@ def to_device(batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, t
             masked_idx.to(device, non_blocking=True))
 
 
-def pretrain_step(engine, tokenizer, batch: dict, device, dtype):
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # 0-dim, on the device
+    accuracy: torch.Tensor  # masked-token accuracy of the micro batch
+    targets: torch.Tensor  # (n_masked,) visual tokens
+    applied: bool  # False when the optimizer step was skipped for a non-finite loss or gradient
+
+
+def pretrain_step(engine, tokenizer, batch: dict, device, dtype, loss_hook=None) -> StepResult:
     """One micro step: label masked patches with the tokenizer, predict them, backward, step."""
     images, views, mask, masked_idx = to_device(batch, device, dtype)
     with torch.no_grad():
         targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)  # (n_masked,)
     logits = engine(images, mask, masked_idx)  # (n_masked, vocab)
     loss = F.cross_entropy(logits.float(), targets)
+    if loss_hook is not None:
+        loss = loss_hook(loss)
     engine.backward(loss)
-    engine.step()
-    return loss.detach(), (logits.argmax(-1) == targets).float().mean(), targets
+    applied = guarded_step(engine)
+    return StepResult(loss.detach(), (logits.argmax(-1) == targets).float().mean(), targets, applied)
 
 
 def run(cfg: Config) -> dict:
@@ -69,26 +80,31 @@ def run(cfg: Config) -> dict:
                                  tokenizer_pixel_map=tokenizer.map_pixels)
     train_set = MIMDataset(SafeImageFolder(d.root), transform, mask_gen, cfg.run.seed)
     loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    state, checkpoints = resume_or_start(cfg, layout, info, engine)
-    batches = BatchStream(loader, state)
-    writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
-                  layout.metrics if info.rank == 0 else None)
-    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
+    loop = start_loop(cfg, layout, info, engine, loader)
+    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
+                                                         loop.meter, loop.trace)
     token_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
     last = {"loss": float("nan"), "mask_acc": float("nan")}
 
     engine.train()
-    for step in range(state.step, cfg.train.total_steps):
+    while state.step < cfg.train.total_steps:
+        step = state.step
         schedule.apply(step)
+        results = []
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)
             trace.add(step + 1, batch["index"])
             if step == 0 and info.rank == 0:
                 save_mask_grid(batch, d.mean, d.std, layout.images / "masks.png", writer)
-            loss, acc, targets = pretrain_step(engine, tokenizer, batch, info.device, dtype)
-            token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
-            meter.add(loss=loss, mask_acc=acc)
+            results.append(pretrain_step(engine, tokenizer, batch, info.device, dtype,
+                                         partial(faults.poison, step=step + 1, rank=info.rank)))
+        if not results[-1].applied:  # DeepSpeed decides at the boundary, the same on every rank
+            skip_nonfinite_step(state, cfg, layout)
+            continue
+        for r in results:
+            token_counts.scatter_add_(0, r.targets, torch.ones_like(r.targets))  # bincount would sync
+            meter.add(loss=r.loss, mask_acc=r.accuracy)
+        state.consecutive_skips = 0
         state.step = step + 1
         meter.step_done()
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
@@ -98,7 +114,6 @@ def run(cfg: Config) -> dict:
         faults.maybe_kill("after_step", state.step, info.rank)
         if checkpoints.due(state.step, cfg.train.total_steps):
             checkpoints.save(engine, state.step, checkpoint_payload(state))
-    trace.close()
 
     images_per_second = meter.images_per_second
     weights = full_state_dict(engine)
@@ -106,7 +121,7 @@ def run(cfg: Config) -> dict:
         save_weights(weights, layout.model, {"format": "beit_scale.mim.v1", "model": cfg.model.name})
     summary = {"final_loss": last["loss"], "train_masked_token_accuracy": last["mask_acc"],
                "images_per_second": images_per_second, "steps": cfg.train.total_steps,
-               "world_size": info.world_size, "restarts": state.restarts}
+               "world_size": info.world_size, "restarts": state.restarts, "skipped_steps": state.skipped_steps}
     if d.val_root:
         summary.update(evaluate(engine, tokenizer, cfg, mask_gen, img_size, info, dtype))
     if dist.is_initialized():
@@ -117,8 +132,7 @@ def run(cfg: Config) -> dict:
         layout.summary.write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         log.info("wrote %s and %s", layout.summary, layout.model)
-    if writer is not None:
-        writer.close()
+    loop.close()
     return summary
 
 

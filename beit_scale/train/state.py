@@ -15,6 +15,7 @@ class TrainState:
     epoch: int = 0  # current pass over the data
     batch_in_epoch: int = 0  # micro batches this rank consumed in `epoch`
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0  # skipped steps since the last applied one
     restarts: int = 0  # times this run was resumed from a checkpoint
 
     def to_dict(self) -> dict:

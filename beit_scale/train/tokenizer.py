@@ -14,11 +14,11 @@ from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
 from beit_scale.checks import tokenizer_arch_kwargs
 from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
+from beit_scale.engine.core import guarded_step
 from beit_scale.engine.dist import init_distributed
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
-from beit_scale.train.common import (Meter, SampleTrace, checkpoint_payload, make_loader, resume_or_start,
-                                    seed_everything, start_engine, tensorboard_writer)
-from beit_scale.train.state import BatchStream
+from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+                                    start_engine, start_loop)
 from beit_scale.train.images import save_reconstructions
 
 log = logging.getLogger(__name__)
@@ -41,26 +41,31 @@ def run(cfg: Config) -> dict:
                                  color_jitter=d.color_jitter, tokenizer_pixel_map=model.map_pixels)
     loader = make_loader(MIMDataset(SafeImageFolder(d.root), transform, None, cfg.run.seed),
                          cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    state, checkpoints = resume_or_start(cfg, layout, info, engine)
-    batches = BatchStream(loader, state)
-    writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
-                  layout.metrics if info.rank == 0 else None)
-    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
+    loop = start_loop(cfg, layout, info, engine, loader)
+    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
+                                                         loop.meter, loop.trace)
     anneal_steps = max(1, round(t.anneal_fraction * cfg.train.total_steps))
 
     engine.train()
-    for step in range(state.step, cfg.train.total_steps):
+    while state.step < cfg.train.total_steps:
+        step = state.step
         schedule.apply(step)
         temperature = gumbel_temperature(step, anneal_steps, t.temperature_start, t.temperature_end)
+        outs = []
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)
             trace.add(step + 1, batch["index"])
             views = batch["tokenizer_view"].to(info.device, dtype, non_blocking=True)
             out = engine(views, temperature, t.kl_weight)
-            engine.backward(out.loss)
-            engine.step()
+            engine.backward(faults.poison(out.loss, step + 1, info.rank))
+            applied = guarded_step(engine)
+            outs.append(out)
+        if not applied:  # DeepSpeed decides at the boundary, the same on every rank
+            skip_nonfinite_step(state, cfg, layout)
+            continue
+        for out in outs:
             meter.add(loss=out.loss, recon_loss=out.recon_loss, kl=out.kl)
+        state.consecutive_skips = 0
         state.step = step + 1
         meter.step_done()
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
@@ -72,7 +77,6 @@ def run(cfg: Config) -> dict:
         faults.maybe_kill("after_step", state.step, info.rank)
         if checkpoints.due(state.step, cfg.train.total_steps):
             checkpoints.save(engine, state.step, checkpoint_payload(state))
-    trace.close()
 
     images_per_second = meter.images_per_second
     weights = full_state_dict(engine)  # collective under ZeRO-3
@@ -86,8 +90,7 @@ def run(cfg: Config) -> dict:
         layout.summary.write_text(json.dumps(summary, indent=2))
         log.info("tokenizer summary: %s", json.dumps(summary))
         log.info("wrote %s (point a pretraining recipe at it with tokenizer.path=%s)", layout.tokenizer, layout.tokenizer)
-    if writer is not None:
-        writer.close()
+    loop.close()
     if dist.is_initialized():
         dist.barrier()
     return summary

@@ -55,8 +55,8 @@ def train_engine(cfg, info, tokenizer):
         lrs.append([g["lr"] for g in engine.optimizer.param_groups])
         step_loss = 0.0
         for micro in range(ACCUM):
-            loss, _, _ = pretrain_step(engine, tokenizer, batch(info.rank, step, micro), info.device, dtype)
-            step_loss += loss.item() / ACCUM
+            result = pretrain_step(engine, tokenizer, batch(info.rank, step, micro), info.device, dtype)
+            step_loss += result.loss.item() / ACCUM
         t = torch.tensor(step_loss)
         torch.distributed.all_reduce(t)
         losses.append(t.item() / info.world_size)

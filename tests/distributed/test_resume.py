@@ -162,3 +162,94 @@ def test_inspect_and_consolidate_a_sharded_checkpoint(inputs, tmp_path_factory, 
     assert not report["complete"] and "truncated" in report["problems"][0]
     with pytest.raises(ValueError, match="is not complete"):
         consolidate(run, tmp_path / "again.safetensors")
+
+
+class _Planted:
+    """Unpickling this runs a shell command: what an attacker would plant in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(path, marker, manifest_dir):
+    """Replace ``path`` by a malicious pickle and rewrite the manifest to match, as an attacker could."""
+    import torch
+
+    from beit_scale.checkpoint.files import sha256
+
+    torch.save({"state": _Planted(marker)}, path)
+    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    (manifest_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_planted_pickles_never_run_at_any_load_path(inputs, tmp_path_factory, tmp_path):
+    import shutil
+
+    from beit_scale.checkpoint.safety import UnsafeCheckpointError
+    from beit_scale.checkpoint.tokenizer_file import read_tokenizer_arch
+    from beit_scale.checkpoint.tools import consolidate
+
+    run, marker = tmp_path / "run", tmp_path / "code_ran"
+    shutil.copytree(baseline(inputs, tmp_path_factory, 1), run)
+    step6, step4 = run / "checkpoints" / "step_000000006", run / "checkpoints" / "step_000000004"
+    _plant(step6 / "beit_rank00001.pt", marker, step6)  # our per-rank state
+    _plant(step4 / "mp_rank_00_model_states.pt", marker, step4)  # a DeepSpeed shard (DeepSpeed unpickles fully)
+    proc = subprocess.run(command(inputs, run, 1, "fp32", "train.total_steps=8"), env=rank_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "no checkpoint can be resumed" in proc.stderr
+    assert f"{step6 / 'beit_rank00001.pt'}: refused by the weights-only unpickler" in proc.stderr
+    assert f"{step4 / 'mp_rank_00_model_states.pt'}: refused by the weights-only unpickler" in proc.stderr
+    with pytest.raises(UnsafeCheckpointError, match="refused by the weights-only unpickler"):
+        consolidate(step4, tmp_path / "out.safetensors")
+    tokenizer = tmp_path / "tokenizer.safetensors"  # a pickle posing as a tokenizer file
+    import torch
+
+    torch.save({"state": _Planted(marker)}, tokenizer)
+    with pytest.raises(ValueError, match="is not a safetensors tokenizer file"):
+        read_tokenizer_arch(tokenizer)
+    assert not marker.exists()  # no load path ran the planted code
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (3, "bf16")])
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(inputs, tmp_path, stage, precision):
+    import torch
+    from safetensors.torch import load_file
+
+    proc = run_ranks(command(inputs, tmp_path, stage, precision),  # NaN loss on rank 1 only, at step 3
+                     env=rank_env(BEIT_SCALE_FAULT="nan_loss@3:1"), timeout=240)
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING beit_scale.train.common: non-finite loss or gradient at step 3: " \
+               f"skipped on every rank (1 in a row, 1 in all)" in proc.stderr
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))  # the schedule did not advance on the skip
+    assert all(v == v for v in losses(tmp_path).values())  # no NaN reached the logged losses
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 1
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN reached the weights
+    saved = torch.load(tmp_path / "checkpoints" / "step_000000006" / "beit_rank00001.pt", weights_only=True)
+    assert saved["skipped_steps"] == 1 and saved["step"] == STEPS  # the counter is persisted
+    # Step 3 was retried with the next micro batches: 7 steps of data for 6 optimizer steps.
+    assert [r["step"] for r in map(json.loads, (tmp_path / "samples_rank00000.jsonl").read_text().splitlines())] \
+        == [1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 6, 6]
+
+
+@pytest.mark.parametrize("fault, extra, message", [
+    ("nan_loss@3", ["train.on_nonfinite=stop"],
+     "non-finite loss or gradient at step 3 (1 skipped in a row, 1 in all; train.on_nonfinite=stop, "
+     "train.max_consecutive_skips=10)"),
+    ("nan_loss@3+", ["train.max_consecutive_skips=3"],
+     "non-finite loss or gradient at step 3 (3 skipped in a row, 3 in all; train.on_nonfinite=skip, "
+     "train.max_consecutive_skips=3)"),
+])
+def test_nonfinite_stop_policies_end_the_run_with_step_and_last_checkpoint(inputs, tmp_path, fault, extra, message):
+    proc = subprocess.run(command(inputs, tmp_path, 1, "fp32", *extra), env=rank_env(BEIT_SCALE_FAULT=fault),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] ERROR beit_scale: {message}; last checkpoint: " \
+               f"{tmp_path / 'checkpoints' / 'step_000000002'}" in proc.stderr
