@@ -115,10 +115,14 @@ def bf16_every_stage(info):
             torch.cuda.empty_cache()
 
 
-def throughput(info, stage, batch, with_tokenizer, steps=20, warmup=5):
+def throughput(info, stage, batch, with_tokenizer, steps=20, warmup=5, zero_extra=None, compile=False, label=""):
     cfg = cfg_for(BASE, stage, "bf16", batch)
     torch.manual_seed(0)
-    engine, sched = build_engine(build_mim_model(cfg.model, 8192), cfg.optim, build_ds_config(cfg, 1), 100)
+    ds = build_ds_config(cfg, 1)
+    ds["zero_optimization"].update(zero_extra or {})
+    engine, sched = build_engine(build_mim_model(cfg.model, 8192), cfg.optim, ds, 100)
+    if compile:
+        engine.compile()
     tok = DiscreteVAE(DVAEArch(vocab_size=8192, input_size=112, downsample=8)).to(info.device).eval()
     batches = [make_batch(batch, 224, 112, 14, 75, seed=s) for s in range(2)]
     targets = torch.randint(0, 8192, (batch * 75,), device=info.device)
@@ -145,7 +149,7 @@ def throughput(info, stage, batch, with_tokenizer, steps=20, warmup=5):
     if CUDA:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    emit(check="throughput", model=BASE, zero=stage, batch=batch, tokenizer=with_tokenizer,
+    emit(check="throughput", label=label, model=BASE, zero=stage, batch=batch, tokenizer=with_tokenizer,
          img_s=round(batch * steps / dt, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
          loss=round(loss, 3))
     del engine
@@ -157,12 +161,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, runs on the CPU: checks the script")
+    ap.add_argument("--perf", action="store_true", help="only the engine variants of the throughput study")
     args = ap.parse_args()
     global BASE, BIG_BATCH, SMALL_BATCH
     if args.smoke:
         BASE, BIG_BATCH, SMALL_BATCH = "beit_tiny_patch16_224", 2, 2
     info = init_distributed()
     emit(check="device", name=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__)
+    if args.perf:
+        big = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+        for label, extra, comp in [("ds_configs/base.json", None, False), ("buckets 5e8", big, False),
+                                   ("buckets 5e8 + engine.compile()", big, True)]:
+            try:
+                throughput(info, 1, BIG_BATCH, False, zero_extra=extra, compile=comp, label=label)
+            except Exception as err:
+                emit(check="throughput", label=label, error=repr(err)[:500])
+        with open(args.out, "w") as f:
+            json.dump(ROWS, f, indent=1)
+        return
     for fn in (fp32_matches_reference, bf16_every_stage):
         try:
             fn(info)
