@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 from beit_scale.logs import setup_logging
 
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="zoo name of the source where its files do not record it")
     i = sub.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
     i.add_argument("checkpoint")
+    pl = sub.add_parser("plan", help="per-GPU memory of each ZeRO set-up; the fastest that fits")
+    pl.add_argument("--model", required=True, help="zoo name, e.g. beit_large_patch16_224")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
+    pl.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
+    pl.add_argument("--write", default=None, help="write the chosen ds_config JSON here")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -85,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.checkpoint.export import export_for_timm
 
             print(json.dumps(export_for_timm(args.source, args.out, args.timm_name, args.model), indent=2))
+        elif args.command == "plan":
+            from beit_scale.engine.plan import format_plan, plan, write_plan
+
+            rows = plan(args.model, args.gpus, args.gpu_mem)
+            print(format_plan(args.model, args.gpus, args.gpu_mem, rows))
+            if args.write:
+                write_plan(rows, Path(args.write))
+                print(f"wrote {args.write}")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 
