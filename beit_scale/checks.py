@@ -130,6 +130,22 @@ def _class_folders(root: str) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
 
 
+def _check_posterize(policy: str) -> None:
+    """timm's increasing RandAugment posterizes to 4 - 4*m/10 bits: at magnitude 10 that is 0 bits, which
+    Pillow (>= 11) rejects with a ValueError inside a data worker, hours into a run. A magnitude that can
+    reach 10 (m >= 10, or any mstd noise) needs the cap mmax9."""
+    parts = policy.split("-")
+    if parts[0] != "rand" or "inc1" not in parts:
+        return
+    opts = {p.rstrip("0123456789."): p[len(p.rstrip("0123456789.")):] for p in parts[1:]}
+    magnitude, noise = float(opts.get("m", 10) or 10), float(opts.get("mstd", 0) or 0)
+    cap = float(opts.get("mmax", 10) or 10)
+    if cap >= 10 and (magnitude >= 10 or noise > 0):
+        raise ValueError(f"finetune.auto_augment={policy!r} can draw magnitude 10, where timm's increasing "
+                         f"posterize asks Pillow for 0 bits and the data loader crashes; add -mmax9, e.g. "
+                         f"{policy}-mmax9")
+
+
 def _check_finetune(cfg: Config) -> None:
     """`finetune` and `linprobe`: ranges, the augmentation a linear probe must not use, classes, the source."""
     f, job = cfg.finetune, cfg.run.job
@@ -154,7 +170,8 @@ def _check_finetune(cfg: Config) -> None:
             create_transform(32, is_training=True, auto_augment=f.auto_augment)
         except (AssertionError, ValueError, KeyError, IndexError):
             raise ValueError(f"finetune.auto_augment={f.auto_augment!r} is not a timm policy; use e.g. "
-                             "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 or v0, or '' for none") from None
+                             "rand-m9-mstd0.5-inc1-mmax9 (RandAugment), augmix-m5-w4-d2 or v0, or '' for none") from None
+        _check_posterize(f.auto_augment)
     if not 0 <= f.ema_decay < 1:
         raise ValueError(f"finetune.ema_decay={f.ema_decay} must be in [0, 1), e.g. 0.9999; 0 disables the EMA")
     if (f.mixup > 0 or f.cutmix > 0) and cfg.train.micro_batch % 2:

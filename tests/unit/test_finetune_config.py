@@ -54,7 +54,7 @@ def test_the_chain_recipes_point_at_each_other_with_the_papers_numbers(size):
     for cfg in (ft22k, ft1k):
         f = cfg.finetune
         assert 0.1 <= cfg.model.drop_path <= 0.4 and 0 < cfg.optim.warmup_steps < cfg.train.total_steps
-        assert (f.auto_augment, f.re_prob, f.label_smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.1)
+        assert (f.auto_augment, f.re_prob, f.label_smoothing) == ("rand-m9-mstd0.5-inc1-mmax9", 0.25, 0.1)
     assert (ft22k.finetune.mixup, ft22k.finetune.cutmix, ft22k.train.global_batch) == (0.8, 1.0, 2048)
     assert (ft1k.optim.lr, ft1k.optim.weight_decay, ft1k.train.global_batch) == (2e-5, 1e-8, 512)
     # epochs -> steps: 90 epochs of ImageNet-22k at 2048, 30 of ImageNet-1k at 512 (drop_last)
@@ -89,6 +89,10 @@ def tiny(folders, *overrides, job="finetune"):
      r"train\.micro_batch=3 must be even with mixup/cutmix"),
     (("finetune.ema_decay=0.999", "engine.zero_stage=3"), "finetune", r"finetune\.ema_decay needs engine\.zero_stage <= 2"),
     (("finetune.auto_augment=randaug9",), "finetune", r"finetune\.auto_augment='randaug9' is not a timm policy"),
+    (("finetune.auto_augment=rand-m9-mstd0.5-inc1",), "finetune",
+     r"finetune\.auto_augment='rand-m9-mstd0\.5-inc1' can draw magnitude 10, where timm's increasing posterize asks "
+     r"Pillow for 0 bits and the data loader crashes; add -mmax9, e\.g\. rand-m9-mstd0\.5-inc1-mmax9"),
+    (("finetune.auto_augment=rand-m10-inc1",), "finetune", r"'rand-m10-inc1' can draw magnitude 10"),
     (("finetune.auto_augment=rand-m9-mstd0.5", "finetune.mixup=0.8"), "linprobe",
      r"finetune\.mixup=0\.8, finetune\.auto_augment='rand-m9-mstd0\.5' must be left at 0"),
     (("finetune.layer_decay=0.65",), "linprobe", r"finetune\.layer_decay=0\.65 must be left at 0"),
@@ -175,3 +179,20 @@ def test_classifier_state_dicts_export_to_timm_strictly_at_their_resolution(name
     check_loads_in_timm(sd, timm_name, num_classes, img_size)
     with pytest.raises(ValueError, match=r"do not load strictly into timm's .* \(num_classes=10"):
         check_loads_in_timm(sd, timm_name, 10, img_size)
+
+
+def test_the_posterize_cap_is_needed_and_enough():
+    """timm at magnitude 10 posterizes to 0 bits, which Pillow rejects; the mmax9 cap avoids it."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    hparams = {"img_mean": (124, 116, 104)}
+    posterize = [op for op in rand_augment_transform("rand-m10-n1-inc1", hparams).ops if op.name == "PosterizeIncreasing"][0]
+    posterize.prob = 1.0
+    with pytest.raises(ValueError, match="bits must be between"):
+        posterize(img)
+    capped = [op for op in rand_augment_transform("rand-m10-n1-inc1-mmax9", hparams).ops if op.name == "PosterizeIncreasing"][0]
+    capped.prob = 1.0
+    capped(img)  # 9 of 10: 1 bit, accepted
