@@ -27,7 +27,8 @@ def test_benchmark_pipeline_writes_both_accuracies_and_stage_times(tmp_path):
         assert 0.0 <= result[key] <= 1.0, (key, result[key])
     assert f"pretrained {result['top1_pretrained']:.4f}, scratch {result['top1_scratch']:.4f}" in proc.stdout
     assert set(result["wall_s"]) == set(STAGES) and all(v >= 0 for v in result["wall_s"].values())
-    assert result["wall_s"]["total"] >= sum(result["wall_s"][s] for s in STAGES if s != "total")
+    # Each time is rounded to 0.1 s, so the sum of the rounded stages may exceed the rounded total slightly.
+    assert result["wall_s"]["total"] >= sum(result["wall_s"][s] for s in STAGES if s != "total") - 0.5
     settings = result["settings"]
     assert settings["train_images"] == 720 and settings["test_images"] == 120
     assert settings["train_fraction"] == 0.1 and 64 <= settings["labelled_images"] <= 80
