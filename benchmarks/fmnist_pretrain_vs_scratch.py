@@ -12,8 +12,8 @@ Steps 4 and 5 differ only in ``finetune.init_from`` (and their output folders): 
 labelled subset, data order and augmentation. Both are evaluated on the 10,000 test images. The top-1
 accuracies, the settings and the wall time of every stage go to a JSON file; the verdict is printed.
 
-    python benchmarks/fmnist_pretrain_vs_scratch.py --out-dir runs/bench_fmnist   # about 45 min on 2 CPU cores
-    python benchmarks/fmnist_pretrain_vs_scratch.py --out-dir /tmp/smoke --scale 0.02   # a smoke run
+    python benchmarks/fmnist_pretrain_vs_scratch.py --out-dir runs/bench_fmnist   # 47 min on 2 CPU cores
+    python benchmarks/fmnist_pretrain_vs_scratch.py --out-dir /tmp/smoke --scale 0.012   # a smoke run, 1-2 min
 
 ``--scale`` multiplies the number of images and every stage's steps (warmup and checkpoint intervals too);
 below 1 the pretraining has no reason to win, it only shows that the pipeline runs. At ``--scale 1`` the
@@ -41,7 +41,8 @@ from beit_scale.data import export_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fmnist_pretrain_vs_scratch.json"
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000  # the whole Fashion-MNIST train and t10k splits
-RECIPES = {"tokenizer": "quickstart_tokenizer", "pretrain": "bench_fmnist_pretrain", "finetune": "bench_fmnist_finetune"}
+RECIPES = {"tokenizer": "quickstart_tokenizer", "pretrain": "bench_fmnist_pretrain",
+           "finetune": "bench_fmnist_finetune"}
 STAGES = ("tokenizer", "pretrain", "finetune_pretrained", "finetune_scratch")
 
 
