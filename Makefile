@@ -2,21 +2,29 @@
 PY ?= python3
 VENV ?= .venv
 DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Slurm and munge for the local test cluster (tests/slurm/cluster.sh), OpenMPI for mpi4py and the mpirun test.
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev shellcheck
+APT_INSTALL := apt-get install -y -q --no-install-recommends
 
-.PHONY: setup quickstart test
+.PHONY: setup quickstart test system-packages
 
 $(DATASET):
 	apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 
-$(VENV)/.installed: pyproject.toml
+system-packages:
+	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || $(APT_INSTALL) $(SYSTEM_PACKAGES) \
+		|| (apt-get update -q && $(APT_INSTALL) $(SYSTEM_PACKAGES))
+
+# mpi4py (the test extra pulls the mpi extra) compiles against libopenmpi-dev.
+$(VENV)/.installed: pyproject.toml | system-packages
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-setup: $(DATASET) $(VENV)/.installed
+setup: $(DATASET) system-packages $(VENV)/.installed
 
 quickstart: setup
 	$(VENV)/bin/beit-scale quickstart
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25

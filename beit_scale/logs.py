@@ -16,9 +16,14 @@ class _RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+def _srun_rank() -> str:
+    """SLURM_PROCID inside an srun step (the batch script has one too, but no SLURM_STEP_ID)."""
+    return os.environ.get("SLURM_PROCID", "0") if "SLURM_STEP_ID" in os.environ else "0"
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger once per process; the rank comes from the launcher's environment."""
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", _srun_rank())))
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

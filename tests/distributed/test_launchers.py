@@ -1,4 +1,4 @@
-"""The two jobs through the real CLI on 2 ranks: torchrun for the tokenizer, the deepspeed launcher for MIM."""
+"""The jobs through the real CLI on 2 ranks: torchrun for the tokenizer, the deepspeed launcher and mpirun for MIM."""
 import json
 import sys
 
@@ -81,3 +81,21 @@ def test_bad_config_fails_before_any_process_group(fmnist, tmp_path):
     assert proc.returncode != 0
     assert "train.global_batch=64 must equal train.micro_batch (64) x train.grad_accum (1) x ranks (2) = 128" in proc.stderr
     assert "Initializing TorchBackend" not in proc.stderr and not (tmp_path / "config.yaml").exists()
+
+
+def test_pretrain_under_mpirun_discovers_ranks_through_mpi(tokenizer_run, fmnist, tmp_path):
+    """mpirun sets only OMPI_COMM_WORLD_*; DeepSpeed's MPI discovery (mpi4py) must find 2 ranks."""
+    tok_dir, _ = tokenizer_run
+    train, val = fmnist
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "DS_ACCELERATOR", "-x",
+           "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "CUDA_VISIBLE_DEVICES",
+           sys.executable, "-m", "beit_scale.cli", "pretrain", "--config", "quickstart_pretrain",
+           f"run.output_dir={tmp_path}", f"data.root={train}", f"data.val_root={val}",
+           f"tokenizer.path={tok_dir / 'tokenizer.safetensors'}", *TINY]
+    proc = run_ranks(cmd, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert "launcher: mpirun (MPI discovery)" in log and "step 6/6 (100%)" in log
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    ds = json.loads((tmp_path / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8  # 16 = 8 x 2 ranks
