@@ -47,9 +47,19 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def _check_batch(cfg: Config, world_size: int) -> None:
     t = cfg.train
-    for name in ("total_steps", "micro_batch", "grad_accum", "global_batch", "log_every"):
+    for name in ("total_steps", "micro_batch", "grad_accum", "global_batch", "log_every", "preempt_check_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.preempt_signal:
+        import signal
+
+        if t.preempt_signal.upper().removeprefix("SIG") in ("KILL", "STOP") or not hasattr(
+                signal, "SIG" + t.preempt_signal.upper().removeprefix("SIG")):
+            raise ValueError(f"train.preempt_signal={t.preempt_signal!r} is not a signal a handler can catch; "
+                             "use e.g. USR2 (and sbatch --signal=USR2@180), or \"\" for none")
+    for name in ("heartbeat_timeout", "stall_timeout"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0 seconds (0 turns it off)")
     if t.global_batch != t.micro_batch * t.grad_accum * world_size:
         fix = t.micro_batch * t.grad_accum * world_size
         raise ValueError(

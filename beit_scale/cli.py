@@ -39,11 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="zoo name of the source where its files do not record it")
     i = sub.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
     i.add_argument("checkpoint")
+    h = sub.add_parser("heartbeat", help="each rank's last finished step and sign of life (why did a job stop?)")
+    h.add_argument("run_dir", help="the run's output folder")
     pl = sub.add_parser("plan", help="per-GPU memory of each ZeRO set-up; the fastest that fits")
     pl.add_argument("--model", required=True, help="zoo name, e.g. beit_large_patch16_224")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
     pl.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
     pl.add_argument("--write", default=None, help="write the chosen ds_config JSON here")
+    pp = sub.add_parser("pipeline", help="submit a chain of stages to Slurm (tokenizer -> pretrain -> ... -> ft1k)")
+    pp.add_argument("chain", help="shipped chain name (beit_scale/recipes/chains/) or YAML path")
+    pp.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="extra sbatch option for every stage, e.g. --sbatch=--account=abc (repeatable)")
+    pp.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -83,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             report = inspect(args.checkpoint)
             print(json.dumps(report, indent=2))
             return 0 if report["complete"] else 1
+        elif args.command == "heartbeat":
+            from beit_scale.checkpoint import RunLayout
+            from beit_scale.train.control import heartbeat_report
+
+            print(heartbeat_report(RunLayout(Path(args.run_dir)).heartbeats()))
         elif args.command == "consolidate":
             from beit_scale.checkpoint.tools import consolidate
 
@@ -99,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.write:
                 write_plan(rows, Path(args.write))
                 print(f"wrote {args.write}")
+        elif args.command == "pipeline":
+            from beit_scale.pipeline import load_chain, submit
+
+            for rec in submit(load_chain(args.chain), args.sbatch, args.dry_run):
+                detail = rec.get("job") or rec.get("output") or " ".join(rec.get("command", []))
+                print(f"{rec['stage']}: {rec['status']} {detail}")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             quickstart.run(args.output_dir, args.images)
         else:
             cfg = load_job_config(args.command, args.config, args.overrides)
+            from beit_scale.train.control import PREEMPTED_EXIT, Preempted
             if args.command == "pretrain":
                 from beit_scale.train import pretrain as job
             elif args.command == "finetune":
@@ -117,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 from beit_scale.train import linprobe as job
             else:
                 from beit_scale.train import tokenizer as job
-            job.run(cfg)
+            try:
+                job.run(cfg)
+            except Preempted as err:
+                log.info("%s: exiting with %d (requeue)", err, PREEMPTED_EXIT)
+                return PREEMPTED_EXIT
     except ValueError as err:
         log.error("%s", err)
         return 2

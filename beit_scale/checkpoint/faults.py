@@ -6,6 +6,10 @@ reaches ``point`` at optimizer step ``step``. Points: ``after_step`` (a step fin
 in half, as a write interrupted part way), ``after_shards`` (every rank's files, no manifest),
 ``after_manifest`` (manifest written, pointer not replaced).
 
+``BEIT_SCALE_FAULT=signal@<step>[:<rank>]`` sends that rank its own preemption signal after the step, as
+Slurm would (the handler and the agreement are the real ones). ``hang@<step>[:<rank>]`` freezes that rank
+with SIGSTOP after the step, as a wedged process or a lost node would look to its peers.
+
 ``BEIT_SCALE_FAULT=nan_loss@<step>[:<rank>]`` instead makes that rank's loss NaN at that optimizer step,
 once (its retry is clean), and ``nan_loss@<step>+`` at every step from there on.
 """
@@ -26,8 +30,8 @@ def _armed(point: str, step: int, rank: int) -> bool:
         return False
     where, _, rest = spec.partition("@")
     at_step, _, at_rank = rest.partition(":")
-    if where == "nan_loss":
-        return False
+    if where in ("nan_loss", "signal", "hang"):
+        return where == point and int(at_step) == step and int(at_rank or 0) == rank
     if where not in POINTS:
         raise ValueError(f"BEIT_SCALE_FAULT={spec!r}: point must be one of {', '.join(POINTS)}")
     return where == point and int(at_step) == step and int(at_rank or 0) == rank
@@ -64,3 +68,15 @@ def maybe_kill(point: str, step: int, rank: int, cut: Path | None = None) -> Non
     for handler in logging.getLogger().handlers:
         handler.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(step: int, rank: int, signum: int | None) -> None:
+    """Send this process ``signum`` (``signal@``) or SIGSTOP (``hang@``) where the fault hook says so."""
+    if signum is not None and _armed("signal", step, rank):
+        log.warning("fault hook: sending rank %d signal %d after step %d", rank, signum, step)
+        os.kill(os.getpid(), signum)
+    if _armed("hang", step, rank):
+        log.warning("fault hook: freezing rank %d after step %d", rank, step)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -50,9 +50,21 @@ class RunLayout:
         return self.checkpoints / "latest_committed"
 
     @property
+    def universal(self) -> Path:
+        """Universal (world-size independent) conversions of checkpoints, one folder per step, made on demand."""
+        return self.checkpoints / "universal"
+
+    @property
     def metrics(self) -> Path:
         """One JSON line per logged step (rank 0)."""
         return self.root / "metrics.jsonl"
+
+    def heartbeat(self, rank: int) -> Path:
+        """Each rank's last sign of life and finished step (read by the watchdog and `beit-scale heartbeat`)."""
+        return self.root / "heartbeat" / f"rank{rank:05d}.json"
+
+    def heartbeats(self) -> list[Path]:
+        return sorted((self.root / "heartbeat").glob("rank*.json"))
 
     def sample_trace(self, rank: int) -> Path:
         """Sample ids each rank trained on, per step (only with train.trace_samples)."""

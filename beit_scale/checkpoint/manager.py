@@ -21,6 +21,7 @@ from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.files import (MANIFEST, atomic_write_text, check_files, committed_tags, meta_file,
                                          payload_files, rank_state_file, read_manifest, sha256, step_of, tag_of)
 from beit_scale.checkpoint.layout import RunLayout
+from beit_scale.checkpoint.reshape import GroupSettings, convert, unpartitioned
 from beit_scale.checkpoint.safety import check_unpickle_safe
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,12 @@ class CheckpointManager:
     """Owns ``<output_dir>/checkpoints``; every method is collective (all ranks call it)."""
 
     def __init__(self, layout: RunLayout, every_steps: int, keep_last: int, on_damaged: str, rank: int, world: int,
-                 meta: dict):
+                 meta: dict, universal: bool = False):
+        """``universal``: the engine was built with ``load_universal`` (see :func:`reshape.needs_universal`),
+        so checkpoints load through a universal conversion, whatever world size saved them."""
         self.root, self.layout = layout.checkpoints, layout
         self.every_steps, self.keep_last, self.on_damaged = every_steps, keep_last, on_damaged
-        self.rank, self.world, self.meta = rank, world, meta
+        self.rank, self.world, self.meta, self.universal = rank, world, meta, universal
 
     # ------------------------------------------------------------------------------------------------ save
 
@@ -103,6 +106,8 @@ class CheckpointManager:
     def _prune(self, newest: int) -> None:
         """Keep the ``keep_last`` newest committed checkpoints; drop incomplete ones older than ``newest``."""
         committed = committed_tags(self.root)  # includes the one just committed
+        if self.layout.universal.exists():  # a conversion made to resume on another world size is spent
+            shutil.rmtree(self.layout.universal, ignore_errors=True)
         for tag in committed[self.keep_last:]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
             log.info("pruned checkpoint %s", tag)
@@ -153,9 +158,10 @@ class CheckpointManager:
         manifest = read_manifest(ckpt)
         if manifest is None:
             return "manifest unreadable"
-        if manifest["world_size"] != self.world:
-            return (f"saved by {manifest['world_size']} ranks but this run has {self.world}; resuming on a different "
-                    f"number of ranks is not supported yet: relaunch with {manifest['world_size']} ranks")
+        if manifest["world_size"] != self.world and not (self.universal or unpartitioned(ckpt)):
+            return (f"saved by {manifest['world_size']} ranks but this run has {self.world} (runs re-partition only "
+                    f"when the newest complete checkpoint has another world size): relaunch with "
+                    f"{manifest['world_size']} ranks")
         mine = [str(p) for p in check_files(ckpt, manifest["files"], (self.rank, self.world))]
         if not mine:  # intact files: make sure no pickle in this rank's share can run code when DeepSpeed loads it
             share = [ckpt / rel for i, rel in enumerate(sorted(manifest["files"])) if i % self.world == self.rank]
@@ -164,10 +170,34 @@ class CheckpointManager:
         return "; ".join(problems) or None
 
     def _load(self, engine, tag: str) -> Resumed:
-        load_path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+        saved_world = read_manifest(self.root / tag)["world_size"]
+        load_root = self.root
+        if self.universal:
+            error = None
+            if self.rank == 0:
+                try:
+                    convert(self.layout, tag)
+                except Exception as err:
+                    error = str(err)
+            error = _all_gather(error)[0]
+            if error:
+                raise RuntimeError(error)
+            load_root = self.layout.universal
+            settings = GroupSettings(engine)
+        load_path, _ = engine.load_checkpoint(str(load_root), tag=tag, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError("DeepSpeed found no checkpoint to load")
-        state = torch.load(rank_state_file(self.root / tag, self.rank), weights_only=True)
-        log.info("resumed from %s at step %d", self.root / tag, step_of(tag))
+        if self.universal:
+            settings.restore(engine)
+        # Counters and the data position are the same on every rank; RNG streams are per rank, and a rank
+        # the saving run did not have starts from rank 0's, re-seeded with its own rank (see resume_rng).
+        own = self.rank < saved_world
+        state = torch.load(rank_state_file(self.root / tag, self.rank if own else 0), weights_only=True)
+        state["rng_is_own"] = own
+        if saved_world != self.world:
+            log.info("resumed from %s at step %d, saved by %d ranks, re-partitioned for %d", self.root / tag,
+                     step_of(tag), saved_world, self.world)
+        else:
+            log.info("resumed from %s at step %d", self.root / tag, step_of(tag))
         return Resumed(tag, step_of(tag), state)

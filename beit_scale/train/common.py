@@ -5,9 +5,12 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import random
+import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,12 +18,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from beit_scale.checkpoint import RunLayout
+from beit_scale.checkpoint import RunLayout, faults
 from beit_scale.checkpoint.manager import CheckpointManager
+from beit_scale.checkpoint.reshape import needs_universal
 from beit_scale.config import Config, dump_yaml, to_dict
 from beit_scale.data import ResumableDistributedSampler
 from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.ds_config import build_ds_config, write_ds_config
+from beit_scale.train.control import PREEMPTED_EXIT, Heartbeat, Preempted, StopSignal
 from beit_scale.train.state import BatchStream, TrainState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -32,17 +37,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_engine(cfg: Config, model: nn.Module, info):
-    """Make the run folder, save the resolved config and ds_config (rank 0), wrap ``model`` in DeepSpeed.
+def start_engine(cfg: Config, model: nn.Module, info, groups: list[dict] | None = None):
+    """Make the run folder, save the resolved config and ds_config (rank 0), wrap ``model`` in DeepSpeed
+    (AdamW over ``groups``, by default weight-decay groups).
 
-    Returns (layout, engine, schedule, compute dtype).
+    A newest checkpoint saved by another number of ranks makes the engine load through DeepSpeed's
+    universal checkpoint. Returns (layout, engine, schedule, compute dtype).
     """
     layout = RunLayout(Path(cfg.run.output_dir)).make()
     ds_config = build_ds_config(cfg, info.world_size)
+    if needs_universal(layout, info.world_size, cfg.checkpoint.resume):
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if info.rank == 0:
         dump_yaml(cfg, layout.config)
         write_ds_config(ds_config, layout.ds_config)
-    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps)
+    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps, groups)
     return layout, engine, schedule, engine_dtype(engine)
 
 
@@ -79,7 +88,8 @@ def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[Train
     meta = {"config": to_dict(cfg), "world_size": info.world_size, "zero_stage": engine.zero_optimization_stage(),
             "dtype": str(engine_dtype(engine)).replace("torch.", ""), "versions": versions()}
     c = cfg.checkpoint
-    manager = CheckpointManager(layout, c.every_steps, c.keep_last, c.on_damaged, info.rank, info.world_size, meta)
+    manager = CheckpointManager(layout, c.every_steps, c.keep_last, c.on_damaged, info.rank, info.world_size, meta,
+                                universal=engine.load_universal_checkpoint())
     state = TrainState()
     resumed = manager.resume(engine) if c.resume else None
     if resumed is not None:
@@ -87,8 +97,10 @@ def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[Train
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         state.restarts += 1
         restore_rng(saved["rng"])
-        log.info("continuing at step %d/%d (epoch %d, batch %d of this rank's shard), restart %d",
-                 state.step, cfg.train.total_steps, state.epoch, state.batch_in_epoch, state.restarts)
+        if not saved["rng_is_own"]:  # a rank the saving run did not have: rank 0's streams, made its own
+            seed_everything(int(torch.randint(2**31, ())) + info.rank)
+        log.info("continuing at step %d/%d (epoch %d, after %d of its samples), restart %d",
+                 state.step, cfg.train.total_steps, state.epoch, state.samples_in_epoch, state.restarts)
     return state, manager
 
 
@@ -96,27 +108,62 @@ def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[Train
 class Loop:
     """What a training loop reads and writes besides the engine."""
 
+    cfg: Config
+    rank: int
     state: TrainState
     checkpoints: CheckpointManager
     batches: BatchStream
     writer: object  # SummaryWriter on rank 0, else None
     meter: "Meter"
     trace: "SampleTrace"
+    heartbeat: Heartbeat
+    stop: StopSignal
+
+    def end_step(self, engine, payload: Callable[[], dict] | None = None) -> None:
+        """After optimizer step ``state.step``: checkpoint when due, and on a preemption signal any rank got,
+        a checkpoint on every rank, then :class:`Preempted`. ``payload``: the per-rank state to save
+        (default: counters, data position and RNG)."""
+        step, total = self.state.step, self.cfg.train.total_steps
+        self.heartbeat.beat(step)
+        faults.maybe_kill("after_step", step, self.rank)
+        faults.maybe_signal(step, self.rank, self.stop.signum)
+        payload = payload or (lambda: checkpoint_payload(self.state))
+        due = self.checkpoints.due(step, total)
+        if due:
+            self.checkpoints.save(engine, step, payload())
+        if step < total and self.stop.agreed(step):
+            ckpt = self.checkpoints.save(engine, step, payload()) if not due else self.checkpoints.root
+            log.warning("preempted (%s): checkpoint of step %d/%d committed in %s; exiting with %d so the job "
+                        "requeues", self.stop.name, step, total, ckpt, PREEMPTED_EXIT)
+            self.close()
+            # Every rank leaves with 75 on its own; a launcher that ends the others when the first one exits
+            # (srun --kill-on-bad-exit) must not turn their 75 into a SIGTERM status.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Preempted(f"preempted at step {step}")
 
     def close(self) -> None:
         self.trace.close()
+        self.stop.close()
+        self.heartbeat.close()
         if self.writer is not None:
             self.writer.close()
 
 
 def start_loop(cfg: Config, layout: RunLayout, info, engine, loader: DataLoader) -> Loop:
-    """Resume (or start at step 0), then open the batch stream, TensorBoard, metrics and sample trace."""
+    """Start the watchdog and signal handler, resume (or start at step 0), then open the batch stream,
+    TensorBoard, metrics and sample trace."""
+    t = cfg.train
+    heartbeat = Heartbeat(layout.heartbeat, info.rank, info.world_size, t.heartbeat_timeout, t.stall_timeout)
+    stop = StopSignal(t.preempt_signal, t.preempt_check_every, info.device)
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    if restarts:
+        log.info("Slurm restart count %s (job %s)", restarts, os.environ.get("SLURM_JOB_ID", "?"))
     state, checkpoints = resume_or_start(cfg, layout, info, engine)
+    heartbeat.beat(state.step)
     writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, cfg.train.total_steps, cfg.train.global_batch, state.step,
-                  layout.metrics if info.rank == 0 else None)
-    trace = SampleTrace(layout.sample_trace(info.rank) if cfg.train.trace_samples else None)
-    return Loop(state, checkpoints, BatchStream(loader, state), writer, meter, trace)
+    meter = Meter(writer, t.total_steps, t.global_batch, state.step, layout.metrics if info.rank == 0 else None)
+    trace = SampleTrace(layout.sample_trace(info.rank) if t.trace_samples else None)
+    return Loop(cfg, info.rank, state, checkpoints, BatchStream(loader, state), writer, meter, trace, heartbeat, stop)
 
 
 class NonFiniteError(RuntimeError):

@@ -32,13 +32,14 @@ from beit_scale.checkpoint.files import committed_tags
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.checks import patch_grid
-from beit_scale.config import Config, dump_yaml
+from beit_scale.config import Config
 from beit_scale.data import SafeImageFolder
 from beit_scale.data.mim import sample_seeds
 from beit_scale.engine.dist import init_distributed
 from beit_scale.engine.layer_decay import format_group_table, layer_decay_param_groups, param_names_per_group
 from beit_scale.models import build_classifier, get_spec, mim_to_classifier_state_dict
-from beit_scale.train.common import checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step, start_loop
+from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+                                    start_engine, start_loop)
 
 log = logging.getLogger(__name__)
 
@@ -238,19 +239,6 @@ def log_eval(results: dict[str, float], step: int, writer, metrics_file: Optiona
             f.write(json.dumps({"step": step, "eval": results}) + "\n")
 
 
-def start_finetune_engine(cfg: Config, model: nn.Module, groups: list[dict], layout: RunLayout, info):
-    """As train.common.start_engine, with the optimizer groups given (layer-wise lr decay)."""
-    from beit_scale.engine.core import build_engine, engine_dtype
-    from beit_scale.engine.ds_config import build_ds_config, write_ds_config
-
-    ds_config = build_ds_config(cfg, info.world_size)
-    if info.rank == 0:
-        dump_yaml(cfg, layout.config)
-        write_ds_config(ds_config, layout.ds_config)
-    engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps, groups)
-    return engine, schedule, engine_dtype(engine)
-
-
 def build_ema(model: nn.Module, cfg: Config, device):
     """timm's ModelEmaV3 of the fp32 weights (made before DeepSpeed casts the model), or None."""
     if cfg.finetune.ema_decay <= 0:
@@ -291,7 +279,7 @@ def run(cfg: Config) -> dict:
         log.info("optimizer groups (layer decay %g):\n%s", f.layer_decay,
                  format_group_table(groups, param_names_per_group(model, groups)))
     ema = build_ema(model, cfg, info.device)
-    engine, schedule, dtype = start_finetune_engine(cfg, model, groups, layout, info)
+    _, engine, schedule, dtype = start_engine(cfg, model, info, groups)
     log.info("fine-tuning %s at %d px, %d classes, on %d of %d images, %d rank(s), %s, ZeRO %d",
              cfg.model.name, img_size, num_classes, len(indices), len(base), info.world_size, dtype,
              engine.zero_optimization_stage())
@@ -300,8 +288,8 @@ def run(cfg: Config) -> dict:
     loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
     val = val_loader(cfg, img_size, info)
     loop = start_loop(cfg, layout, info, engine, loader)
-    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
-                                                         loop.meter, loop.trace)
+    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
+                                            loop.trace)
     metrics_file = meter.metrics_file
     restore_ema(ema, engine, layout, state.step)
     mixup = build_mixup(cfg, num_classes)
@@ -350,10 +338,8 @@ def run(cfg: Config) -> dict:
                                grad_norm=float("nan") if norm is None else float(norm))
         if val is not None and f.eval_every and state.step % f.eval_every == 0 and state.step < cfg.train.total_steps:
             run_eval(state.step)
-        faults.maybe_kill("after_step", state.step, info.rank)
-        if checkpoints.due(state.step, cfg.train.total_steps):
-            extra = {"ema": ema.module.state_dict()} if ema is not None and info.rank == 0 else {}
-            checkpoints.save(engine, state.step, {**checkpoint_payload(state), **extra})
+        loop.end_step(engine, lambda: {**checkpoint_payload(state), **(
+            {"ema": ema.module.state_dict()} if ema is not None and info.rank == 0 else {})})
 
     images_per_second = meter.images_per_second
     if val is not None:

@@ -32,7 +32,7 @@ from beit_scale.config import Config
 from beit_scale.engine.core import guarded_step
 from beit_scale.engine.dist import init_distributed
 from beit_scale.models import build_classifier, get_spec
-from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+from beit_scale.train.common import (make_loader, seed_everything, skip_nonfinite_step,
                                     start_engine, start_loop)
 from beit_scale.train.finetune import (ClassificationSet, evaluate, load_initial_weights, log_eval, train_images,
                                        train_transform, val_loader)
@@ -111,8 +111,8 @@ def run(cfg: Config) -> dict:
     loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
     val = val_loader(cfg, img_size, info)
     loop = start_loop(cfg, layout, info, engine, loader)
-    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
-                                                         loop.meter, loop.trace)
+    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
+                                            loop.trace)
     metrics_file = meter.metrics_file
 
     def run_eval(step: int) -> dict[str, float]:
@@ -151,9 +151,7 @@ def run(cfg: Config) -> dict:
             last = meter.flush(step, lr=engine.optimizer.param_groups[0]["lr"])
         if val is not None and f.eval_every and state.step % f.eval_every == 0 and state.step < cfg.train.total_steps:
             run_eval(state.step)
-        faults.maybe_kill("after_step", state.step, info.rank)
-        if checkpoints.due(state.step, cfg.train.total_steps):
-            checkpoints.save(engine, state.step, checkpoint_payload(state))
+        loop.end_step(engine)
 
     if val is not None:
         results = run_eval(cfg.train.total_steps)

@@ -22,7 +22,7 @@ from beit_scale.engine.dist import init_distributed
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, masked_positions
 from beit_scale.tokenizers import codebook_stats
-from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+from beit_scale.train.common import (make_loader, seed_everything, skip_nonfinite_step,
                                     start_engine, start_loop)
 from beit_scale.train.images import save_mask_grid
 
@@ -81,8 +81,8 @@ def run(cfg: Config) -> dict:
     train_set = MIMDataset(SafeImageFolder(d.root), transform, mask_gen, cfg.run.seed)
     loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
     loop = start_loop(cfg, layout, info, engine, loader)
-    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
-                                                         loop.meter, loop.trace)
+    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
+                                            loop.trace)
     token_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
     last = {"loss": float("nan"), "mask_acc": float("nan")}
 
@@ -111,9 +111,7 @@ def run(cfg: Config) -> dict:
             norm = engine.get_global_grad_norm()
             last = meter.flush(step, lr=engine.optimizer.param_groups[0]["lr"],
                                grad_norm=float("nan") if norm is None else float(norm))
-        faults.maybe_kill("after_step", state.step, info.rank)
-        if checkpoints.due(state.step, cfg.train.total_steps):
-            checkpoints.save(engine, state.step, checkpoint_payload(state))
+        loop.end_step(engine)
 
     images_per_second = meter.images_per_second
     weights = full_state_dict(engine)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 class TrainState:
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # current pass over the data
-    batch_in_epoch: int = 0  # micro batches this rank consumed in `epoch`
+    samples_in_epoch: int = 0  # samples all ranks together consumed in `epoch` (independent of the world size)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     consecutive_skips: int = 0  # skipped steps since the last applied one
     restarts: int = 0  # times this run was resumed from a checkpoint
@@ -48,9 +48,10 @@ def restore_rng(state: dict) -> None:
 
 
 class BatchStream:
-    """Micro batches forever, keeping ``state.epoch``/``state.batch_in_epoch`` equal to what was consumed.
+    """Micro batches forever, keeping ``state.epoch``/``state.samples_in_epoch`` equal to what was consumed.
 
-    Restarting from a saved state positions the sampler so the remaining samples of the epoch come next.
+    Restarting from a saved state positions the sampler so the remaining samples of the epoch come next,
+    on any number of ranks that can split them evenly (checked here, before any training).
     """
 
     def __init__(self, loader: DataLoader, state: TrainState):
@@ -59,7 +60,9 @@ class BatchStream:
                 f"the training set gives no full batch per rank ({len(loader.dataset)} images, "
                 f"micro batch {loader.batch_size}); lower train.micro_batch or add images"
             )
+        loader.sampler.check_position(state.epoch, state.samples_in_epoch)
         self.loader, self.state, self._it = loader, state, None
+        self.samples_per_batch = loader.batch_size * loader.sampler.num_replicas
 
     def __iter__(self):
         return self
@@ -67,7 +70,7 @@ class BatchStream:
     def __next__(self) -> dict:
         while True:
             if self._it is None:
-                self.loader.sampler.set_position(self.state.epoch, self.state.batch_in_epoch * self.loader.batch_size)
+                self.loader.sampler.set_position(self.state.epoch, self.state.samples_in_epoch)
                 if hasattr(self.loader.dataset, "set_epoch"):
                     self.loader.dataset.set_epoch(self.state.epoch)
                 self._it = iter(self.loader)
@@ -76,7 +79,7 @@ class BatchStream:
             except StopIteration:
                 self._it = None
                 self.state.epoch += 1
-                self.state.batch_in_epoch = 0
+                self.state.samples_in_epoch = 0
                 continue
-            self.state.batch_in_epoch += 1
+            self.state.samples_in_epoch += self.samples_per_batch
             return batch

@@ -17,7 +17,7 @@ from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTra
 from beit_scale.engine.core import guarded_step
 from beit_scale.engine.dist import init_distributed
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
-from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
+from beit_scale.train.common import (make_loader, seed_everything, skip_nonfinite_step,
                                     start_engine, start_loop)
 from beit_scale.train.images import save_reconstructions
 
@@ -42,8 +42,8 @@ def run(cfg: Config) -> dict:
     loader = make_loader(MIMDataset(SafeImageFolder(d.root), transform, None, cfg.run.seed),
                          cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
     loop = start_loop(cfg, layout, info, engine, loader)
-    state, checkpoints, batches, writer, meter, trace = (loop.state, loop.checkpoints, loop.batches, loop.writer,
-                                                         loop.meter, loop.trace)
+    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
+                                            loop.trace)
     anneal_steps = max(1, round(t.anneal_fraction * cfg.train.total_steps))
 
     engine.train()
@@ -74,9 +74,7 @@ def run(cfg: Config) -> dict:
                         codebook_usage=float(usage), perplexity=float(perplexity))
         if t.recon_every and state.step % t.recon_every == 0:
             _write_reconstructions(engine, layout, views, writer, state.step, info.rank)
-        faults.maybe_kill("after_step", state.step, info.rank)
-        if checkpoints.due(state.step, cfg.train.total_steps):
-            checkpoints.save(engine, state.step, checkpoint_payload(state))
+        loop.end_step(engine)
 
     images_per_second = meter.images_per_second
     weights = full_state_dict(engine)  # collective under ZeRO-3

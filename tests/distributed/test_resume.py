@@ -24,13 +24,13 @@ def inputs(tmp_path_factory):
     return export_fashion_mnist(root, "train", limit=72), root / "tok.safetensors"
 
 
-def command(inputs, out, stage, precision="fp32", *extra):
+def command(inputs, out, stage, precision="fp32", *extra, nproc=2):
     data, tok = inputs
-    return torchrun(2, "-m", "beit_scale.cli", "pretrain", "--config", "quickstart_pretrain",
+    return torchrun(nproc, "-m", "beit_scale.cli", "pretrain", "--config", "quickstart_pretrain",
                     f"run.output_dir={out}", f"data.root={data}", f"tokenizer.path={tok}", "data.num_workers=1",
                     "model.drop_path=0.1",  # stochastic depth draws from the RNG that must be restored
                     f"engine.zero_stage={stage}", f"engine.precision={precision}", "train.micro_batch=4",
-                    "train.grad_accum=2", "train.global_batch=16", f"train.total_steps={STEPS}", "train.log_every=1",
+                    f"train.grad_accum={4 // nproc}", "train.global_batch=16", f"train.total_steps={STEPS}", "train.log_every=1",
                     "train.trace_samples=true", "optim.warmup_steps=2", "checkpoint.every_steps=2",
                     "checkpoint.keep_last=2", *extra)
 
@@ -253,3 +253,63 @@ def test_nonfinite_stop_policies_end_the_run_with_step_and_last_checkpoint(input
     for rank in (0, 1):
         assert f"[rank {rank}] ERROR beit_scale: {message}; last checkpoint: " \
                f"{tmp_path / 'checkpoints' / 'step_000000002'}" in proc.stderr
+
+
+def global_batches(out, world, steps=range(1, STEPS + 1)):
+    """{step: sorted ids of the whole global batch} for ``steps`` trained by ``world`` ranks (4 micro batches
+    of 4 per step in all), from every rank's trace, keeping the last attempt at each step."""
+    batches = {}
+    for rank in range(world):
+        by_step = per_step(out / f"samples_rank{rank:05d}.jsonl")
+        for step in steps:
+            batches.setdefault(step, []).extend(i for r in by_step[step][-(4 // world):] for i in r["ids"])
+    return {s: sorted(ids) for s, ids in batches.items()}
+
+
+@pytest.mark.parametrize("stage, saved, resumed, fault, resumed_from", [
+    (3, 2, 1, "after_step@5", 4),  # ZeRO-3 universal load: layer groups and AdamW steps must be put right
+    (1, 1, 2, "after_step@3", 2),
+    (0, 2, 1, "after_step@3", 2),
+])
+def test_resume_on_another_number_of_ranks(inputs, tmp_path_factory, tmp_path, stage, saved, resumed, fault,
+                                           resumed_from):
+    """2 -> 1 and 1 -> 2 ranks through the universal checkpoint: same global batches, same losses (fp32,
+    up to the order of the reductions), whatever the world size. No stochastic depth: its draws are per rank."""
+    key = (stage, "nodrop")
+    if key not in _BASELINES:
+        _BASELINES[key] = tmp_path_factory.mktemp(f"full_z{stage}_nodrop")
+        run_ranks(command(inputs, _BASELINES[key], stage, "fp32", "model.drop_path=0.0"), timeout=240)
+    full = _BASELINES[key]
+    killed = subprocess.run(command(inputs, tmp_path, stage, "fp32", "model.drop_path=0.0", nproc=saved),
+                            env=rank_env(BEIT_SCALE_FAULT=fault), capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0 and "fault hook: killing rank 0" in killed.stderr
+    proc = run_ranks(command(inputs, tmp_path, stage, "fp32", "model.drop_path=0.0", nproc=resumed), timeout=240)
+    assert (f"resumed from {tmp_path / 'checkpoints'}/step_{resumed_from:09d} at step {resumed_from}, saved by "
+            f"{saved} ranks, re-partitioned for {resumed}") in proc.stderr
+    before, after = range(1, resumed_from + 1), range(resumed_from + 1, STEPS + 1)
+    assert global_batches(tmp_path, saved, before) | global_batches(tmp_path, resumed, after) \
+        == global_batches(full, 2)  # nothing lost or repeated, whatever the world size
+    assert losses(tmp_path) == pytest.approx(losses(full), rel=2e-5)
+    if stage == 3:
+        assert "corrected DeepSpeed's universal load: 1 param groups had group 0's settings" in proc.stderr
+    assert not (tmp_path / "checkpoints" / "universal").exists()  # the conversion went with the first new commit
+
+
+def test_preemption_signal_saves_on_every_rank_then_the_relaunch_continues_exactly(inputs, tmp_path_factory, tmp_path):
+    """The signal reaches rank 1 only, after step 3; both ranks agree at the next check, save step 3 (between
+    the periodic checkpoints), and exit with 75. The relaunch resumes there and matches an uninterrupted run."""
+    full = baseline(inputs, tmp_path_factory, 1)
+    preempted = subprocess.run(command(inputs, tmp_path, 1, "fp32", "train.preempt_check_every=1"),
+                               env=rank_env(BEIT_SCALE_FAULT="signal@3:1"), capture_output=True, text=True,
+                               timeout=240, start_new_session=True)
+    assert preempted.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING beit_scale.train.common: preempted (USR2): checkpoint of step 3/6 committed" \
+               in preempted.stderr
+    assert "preempted at step 3: exiting with 75 (requeue)" in preempted.stderr  # torchrun stops the other rank
+    assert "exitcode  : 75" in preempted.stderr
+    assert "step 4/6" not in preempted.stderr
+    assert committed_tags(tmp_path / "checkpoints") == ["step_000000003", "step_000000002"]
+    proc = run_ranks(command(inputs, tmp_path, 1, "fp32", "train.preempt_check_every=1"), timeout=240)
+    assert f"resumed from {tmp_path / 'checkpoints'}/step_000000003 at step 3" in proc.stderr
+    assert losses(tmp_path) == losses(full) and samples(tmp_path) == samples(full)
