@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             quickstart.run(args.output_dir, args.images)
         else:
             cfg = load_job_config(args.command, args.config, args.overrides)
-            from beit_scale.train.control import PREEMPTED_EXIT, Preempted
+            from beit_scale.train.control import PREEMPTED_EXIT, Preempted, catch_early
+
+            catch_early(cfg.train.preempt_signal)
             if args.command == "pretrain":
                 from beit_scale.train import pretrain as job
             elif args.command == "finetune":

@@ -36,15 +36,34 @@ class Preempted(Exception):
     """All ranks saved a checkpoint after a preemption signal; the process should exit with PREEMPTED_EXIT."""
 
 
+_early_signal = False  # the preemption signal arrived before the training loop started
+
+
+def _signum(name: str) -> int:
+    return getattr(signal, "SIG" + name.upper().removeprefix("SIG"))
+
+
+def _note_early(signum, frame) -> None:
+    global _early_signal
+    _early_signal = True
+
+
+def catch_early(name: str) -> None:
+    """Install a flag-only handler for the preemption signal at process start: during imports, engine set-up
+    and resume its default action would kill the rank; :class:`StopSignal` picks the flag up."""
+    if name:
+        signal.signal(_signum(name), _note_early)
+
+
 class StopSignal:
     """Sets a flag when ``name`` (e.g. USR2) arrives; :meth:`agreed` tells every rank whether any rank got it."""
 
     def __init__(self, name: str, check_every: int, device: torch.device):
         self.name, self.check_every, self.device = name, check_every, device
-        self.flag = False
+        self.flag = _early_signal
         self.signum = None
         if name:
-            self.signum = getattr(signal, "SIG" + name.upper().removeprefix("SIG"))
+            self.signum = _signum(name)
             self.previous = signal.signal(self.signum, self._handle)
 
     def _handle(self, signum, frame) -> None:  # only a flag: the step in flight finishes undisturbed

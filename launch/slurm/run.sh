@@ -67,7 +67,8 @@ case "${BEIT_SCALE_LAUNCHER:-srun}" in
     if [[ -n "${SLURM_CPUS_ON_NODE:-}" ]]; then
       cpus=(--cpus-per-task="$SLURM_CPUS_ON_NODE")  # the node's CPUs for its torchrun and all its ranks
     fi
-    # torchrun_exit.py is torchrun, exiting with the first failed rank's code (75 included).
+    # torchrun_exit.py is torchrun, passing USR1/USR2 on to its ranks and exiting with the first failed
+    # rank's code (75 included).
     cmd=(srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 "${cpus[@]}"
       python "$REPO/launch/slurm/torchrun_exit.py" --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
@@ -91,7 +92,8 @@ if [[ $rc -eq $PREEMPTED ]]; then
   budget=${BEIT_SCALE_MAX_REQUEUES:-20}
   if [[ $restarts -lt $budget ]]; then
     log "ranks checkpointed and exited $PREEMPTED: requeueing (restart $((restarts + 1)) of at most $budget)"
-    scontrol requeue "$SLURM_JOB_ID"
+    # Under partition preemption with PreemptMode=REQUEUE Slurm requeues the job itself; then this fails.
+    scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed (already requeued by Slurm?)"
     exit 0
   fi
   log "ranks exited $PREEMPTED but the requeue budget is spent ($restarts of BEIT_SCALE_MAX_REQUEUES=$budget)"

@@ -1,6 +1,7 @@
 """Exact resume on 2 real ranks: "train n" equals "train k, kill -9, relaunch, train to n", and every kill
 point of a save resumes from the last complete checkpoint. Losses and the sample ids of every step compare."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -313,3 +314,32 @@ def test_preemption_signal_saves_on_every_rank_then_the_relaunch_continues_exact
     proc = run_ranks(command(inputs, tmp_path, 1, "fp32", "train.preempt_check_every=1"), timeout=240)
     assert f"resumed from {tmp_path / 'checkpoints'}/step_000000003 at step 3" in proc.stderr
     assert losses(tmp_path) == losses(full) and samples(tmp_path) == samples(full)
+
+
+def test_the_slurm_torchrun_wrapper_passes_the_signal_to_its_ranks_and_exits_75(inputs, tmp_path):
+    """launch/slurm/torchrun_exit.py is what each node runs in BEIT_SCALE_LAUNCHER=torchrun mode; Slurm's
+    USR2 reaching it (not the ranks) must still checkpoint and surface as 75, not kill torchrun."""
+    import signal
+    import sys
+    import time
+
+    from tests.distributed.ranks import ROOT
+
+    cmd = command(inputs, tmp_path, 1, "fp32", "train.preempt_check_every=1", "train.total_steps=400",
+                  "checkpoint.every_steps=1000")
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm" / "torchrun_exit.py"), *cmd[3:]]  # drop `python -m run`
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR2)  # to the wrapper only
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err[-4000:]
+    assert "[rank 0] WARNING beit_scale.train.common: preempted (USR2): checkpoint of step" in err
+    [tag] = committed_tags(tmp_path / "checkpoints")
+    assert 1 <= int(tag.split("_")[1]) < 400

@@ -86,7 +86,13 @@ KillWait=5
 InactiveLimit=0
 MinJobAge=300
 NodeName=${NODES[0]},${NODES[1]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port + 1))-$((port + 2)) CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE State=UP
+# Jobs in "urgent" preempt those in "debug": USR2 (the job's --signal) at once, SIGTERM after GraceTime,
+# then Slurm requeues the preempted job.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+PartitionName=debug Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+PartitionName=urgent Nodes=${NODES[0]},${NODES[1]} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 }
 

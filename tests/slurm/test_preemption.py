@@ -79,37 +79,54 @@ def test_slurm_signal_saves_requeues_and_the_requeued_job_matches_an_uninterrupt
     assert losses(out) == losses(full)  # fp32, same 2 ranks: exact
 
 
-def test_a_killed_rank_fails_the_job_quickly_and_names_rank_and_step(slurm_cluster, inputs, tmp_path):
+def test_a_job_preempted_by_a_higher_partition_saves_is_requeued_and_finishes(slurm_cluster, inputs, tmp_path):
+    """Real preemption: a job in the "urgent" partition needs every CPU of both nodes; Slurm sends the
+    running training job USR2, SIGTERM after the 10 s grace time, and requeues it. The ranks checkpoint on
+    USR2, and the requeued job resumes there once the urgent job is done."""
     out = tmp_path / "run"
+    job_id = submit(slurm_cluster, inputs, tmp_path, out, None, "train.total_steps=80")
+    wait_for(lambda: len(logged_steps(out)) >= 3, 120, "3 logged steps")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--ntasks-per-node=2",
+                             "--gpus-per-node=0", "--time=2", f"--output={tmp_path / 'urgent.out'}",
+                             "--wrap", "sleep 2"], env=slurm_cluster.env, capture_output=True, text=True, timeout=30)
+    assert urgent.returncode == 0, urgent.stderr
+    state = wait_for(lambda: (s := job_state(slurm_cluster, job_id))[0] in ("COMPLETED", "FAILED", "CANCELLED")
+                     and s, 240, "the preempted job to finish")
+    text = (tmp_path / "job.out").read_text()
+    assert state[0] == "COMPLETED" and state[2] >= 1, text[-6000:]
+    assert job_state(slurm_cluster, urgent.stdout.strip())[0] == "COMPLETED"
+    saved = int(re.search(r"preempted \(USR2\): checkpoint of step (\d+)/80 committed", text).group(1))
+    assert f"resumed from {out / 'checkpoints'}/step_{saved:09d} at step {saved}" in text
+    assert "step 80/80 (100%)" in text and "pretrain finished" in text
+
+
+def failed_job(cluster, inputs, tmp_path, fault):
+    """Submit the 2-node run with ``fault``; returns the job output once it ended, after checking that it
+    failed without a requeue within 90 s (minutes before its 5-minute limit)."""
     start = time.monotonic()
     # A short heartbeat timeout also makes the heartbeat files follow every step of this fast tiny run.
-    job_id = submit(slurm_cluster, inputs, tmp_path, out, {"BEIT_SCALE_FAULT": "after_step@4:1"},
+    job_id = submit(cluster, inputs, tmp_path, tmp_path / "run", {"BEIT_SCALE_FAULT": fault},
                     "train.heartbeat_timeout=4")
-    state = wait_for(lambda: (s := job_state(slurm_cluster, job_id))[0] in ("COMPLETED", "FAILED", "CANCELLED")
-                     and s, 120, "the job to fail")
-    elapsed = time.monotonic() - start
+    state = wait_for(lambda: (s := job_state(cluster, job_id))[0] in ("COMPLETED", "FAILED", "CANCELLED") and s,
+                     120, "the job to fail")
     text = (tmp_path / "job.out").read_text()
     assert state[0] == "FAILED" and state[2] == 0, text[-6000:]  # failed, not requeued
+    assert time.monotonic() - start < 90
+    return text
+
+
+def test_a_killed_rank_fails_the_job_quickly_and_names_rank_and_step(slurm_cluster, inputs, tmp_path):
+    text = failed_job(slurm_cluster, inputs, tmp_path, "after_step@4:1")
     assert "fault hook: killing rank 1 at after_step of step 4" in text
     assert re.search(r"srun: error: n2: task 1: Killed", text), text[-4000:]
     assert re.search(r"rank 1: \S+ pid \d+, last finished step 4, last seen \d+s ago", text), text[-4000:]
-    assert elapsed < 90  # minutes before the job's 5-minute limit
 
 
 def test_a_frozen_rank_is_named_by_its_neighbour_and_the_job_fails_quickly(slurm_cluster, inputs, tmp_path):
     """SIGSTOP on rank 1 (a wedged process or a node gone quiet): rank 0 blocks in the next collective, its
     watchdog sees rank 1's heartbeat go stale, names it with its step and exits 74; srun ends the job."""
-    out = tmp_path / "run"
-    start = time.monotonic()
-    job_id = submit(slurm_cluster, inputs, tmp_path, out, {"BEIT_SCALE_FAULT": "hang@4:1"},
-                    "train.heartbeat_timeout=4")
-    state = wait_for(lambda: (s := job_state(slurm_cluster, job_id))[0] in ("COMPLETED", "FAILED", "CANCELLED")
-                     and s, 120, "the job to fail")
-    elapsed = time.monotonic() - start
-    text = (tmp_path / "job.out").read_text()
-    assert state[0] == "FAILED" and state[2] == 0, text[-6000:]
+    text = failed_job(slurm_cluster, inputs, tmp_path, "hang@4:1")
     assert "fault hook: freezing rank 1 after step 4" in text
     assert re.search(r"\[rank 0\] ERROR beit_scale.train.control: watchdog: rank 1 \(\S+, pid \d+\) at step 4 gave "
                      r"no sign of life for \d+s \(train.heartbeat_timeout=4\); it died or hangs", text), text[-4000:]
     assert "srun: error: n1: task 0: Exited with exit code 74" in text
-    assert elapsed < 90

@@ -1,0 +1,62 @@
+"""Chains are checked before anything is submitted; the dry run shows the sbatch commands in order."""
+import pytest
+import yaml
+
+from beit_scale.config import PROJECT_ROOT
+from beit_scale.pipeline import load_chain, submit
+
+
+def chain(tmp_path, stages, **top):
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", "stages": stages, **top}))
+    return str(path)
+
+
+def test_the_shipped_chain_links_each_stage_to_the_one_before():
+    c = load_chain("large_pt22k")
+    assert [s.name for s in c.stages] == ["tokenizer", "pretrain", "consolidate", "ft22k", "ft1k"]
+    pretrain, consolidate, ft22k, ft1k = c.stages[1:]
+    assert "tokenizer.path=runs/tokenizer_dvae_in1k/tokenizer.safetensors" in pretrain.overrides
+    assert consolidate.args == ["runs/pretrain_large_in22k", "runs/pretrain_large_in22k/consolidated/model_fp32.safetensors"]
+    assert "finetune.init_from=runs/pretrain_large_in22k/consolidated/model_fp32.safetensors" in ft22k.overrides
+    assert "finetune.init_from=runs/finetune_large_pt22k_ft22k" in ft1k.overrides
+    assert ft1k.output == PROJECT_ROOT / "runs/finetune_large_pt22k_ft22k_ft1k"  # the scripts run from the root
+
+
+def test_dry_run_orders_the_stages_with_afterok_dependencies(tmp_path):
+    report = submit(load_chain("large_pt22k"), ["--account=abc"], dry_run=True)
+    assert [r["status"] for r in report] == ["dry-run"] * 5
+    first, second = report[0]["command"], report[1]["command"]
+    assert not any(a.startswith("--dependency") for a in first)
+    assert "--dependency=afterok:<tokenizer>" in second and "--kill-on-invalid-dep=yes" in second
+    assert second[-4:-1] == [str(PROJECT_ROOT / "launch" / "pretrain.sbatch"), "--config", "pretrain_large_in22k"]
+    assert all("--account=abc" in r["command"] for r in report)
+    assert report[2]["command"][-3].endswith("launch/consolidate.sbatch")
+
+
+def test_a_done_stage_is_skipped(tmp_path):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    c = load_chain(chain(tmp_path, [{"name": "tok", "job": "train-tokenizer", "config": "quickstart_tokenizer",
+                                     "overrides": [f"run.output_dir={out}"]}]))
+    assert submit(c, dry_run=True)[0]["status"] == "done"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "job": "pretrain", "config": "quickstart_pretrain", "overides": []}], "unknown keys"),
+    ([{"name": "a", "job": "train"}], "job 'train' must be one of"),
+    ([{"name": "a", "job": "pretrain"}], "needs a config"),
+    ([{"name": "a", "job": "pretrain", "config": "quickstart_pretrain", "overrides": ["tokenizer.path={b}/t"]}],
+     r"\{b\} names no earlier stage"),
+    ([{"name": "a", "job": "consolidate", "args": ["x"]}], "takes args"),
+    ([{"name": "a", "job": "pretrain", "config": "quickstart_pretrain", "overrides": ["train.nope=1"]}], "nope"),
+])
+def test_bad_chains_fail_before_any_submission(tmp_path, stages, message):
+    with pytest.raises(ValueError, match=message):
+        load_chain(chain(tmp_path, stages))
+
+
+def test_an_unknown_chain_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="shipped: large_pt22k"):
+        load_chain("nope")
