@@ -97,7 +97,7 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss or gradient: skip the step everywhere, or stop
     max_consecutive_skips: int = 10  # this many skipped steps in a row stop the run
     preempt_signal: str = "USR2"  # signal (sbatch --signal=USR2@180) that saves a checkpoint and exits 75; "" = none
-    preempt_check_every: int = 10  # optimizer steps between the ranks' agreement on a pending signal (a host sync)
+    preempt_check_every: int = 1  # optimizer steps between the ranks' agreement on a signal (a 1-element all-reduce)
     heartbeat_timeout: float = 300.0  # seconds without a sign of life from a rank before the job fails; 0 = off
     stall_timeout: float = 3600.0  # seconds without a finished step (e.g. a collective waiting forever); 0 = off
 

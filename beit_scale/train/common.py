@@ -131,6 +131,8 @@ class Loop:
         due = self.checkpoints.due(step, total)
         if due:
             self.checkpoints.save(engine, step, payload())
+        if step == total:  # the final evaluation and export are not steps: no stall verdict on them
+            self.heartbeat.close()
         if step < total and self.stop.agreed(step):
             ckpt = self.checkpoints.save(engine, step, payload()) if not due else self.checkpoints.root
             log.warning("preempted (%s): checkpoint of step %d/%d committed in %s; exiting with %d so the job "

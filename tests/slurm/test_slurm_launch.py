@@ -42,7 +42,7 @@ def submit_and_wait(cluster, args, env_extra, timeout=JOB_TIMEOUT_S):
     pytest.fail(f"Slurm job {job_id} did not end within {timeout}s")
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+@pytest.mark.parametrize("launcher", ["torchrun"])  # srun mode: tests/slurm/test_preemption.py
 def test_pretrain_sbatch_trains_one_rank_on_each_of_two_nodes(slurm_cluster, inputs, tmp_path, launcher):
     train, val, tok = inputs
     out = tmp_path / "run"
@@ -61,8 +61,13 @@ def test_pretrain_sbatch_trains_one_rank_on_each_of_two_nodes(slurm_cluster, inp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     # Each emulated node's slurmd launched a task of the training step (step 0 in srun mode, the only step).
+    assert_ran_on_both_nodes(slurm_cluster, job_id)
+
+
+def assert_ran_on_both_nodes(cluster, job_id):
+    """Each emulated node's slurmd launched a task of the job's first step (the training step)."""
     for node in ("n1", "n2"):
-        slurmd_log = (slurm_cluster.folder / "log" / f"slurmd-{node}.log").read_text()
+        slurmd_log = (cluster.folder / "log" / f"slurmd-{node}.log").read_text()
         assert f"launch task StepId={job_id}.0 " in slurmd_log, f"no task of job {job_id} ran on {node}"
 
 
