@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="zoo name of the source where its files do not record it")
     i = sub.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
     i.add_argument("checkpoint")
+    r = sub.add_parser("run-dir", help="print the run folder (run.output_dir) a recipe with overrides writes to")
+    r.add_argument("--config", required=True, help="shipped recipe name or YAML path")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.output_dir=runs/x")
     h = sub.add_parser("heartbeat", help="each rank's last finished step and sign of life (why did a job stop?)")
     h.add_argument("run_dir", help="the run's output folder")
     pl = sub.add_parser("plan", help="per-GPU memory of each ZeRO set-up; the fastest that fits")
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             report = inspect(args.checkpoint)
             print(json.dumps(report, indent=2))
             return 0 if report["complete"] else 1
+        elif args.command == "run-dir":
+            from beit_scale.config import load_config
+
+            print(load_config(args.config, args.overrides).run.output_dir)
         elif args.command == "heartbeat":
             from beit_scale.checkpoint import RunLayout
             from beit_scale.train.control import heartbeat_report

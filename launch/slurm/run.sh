@@ -8,8 +8,9 @@
 #
 # Requeue contract: on the job's --signal the ranks checkpoint together and all exit 75. Then the job is
 # requeued (scontrol requeue) while SLURM_RESTART_COUNT < BEIT_SCALE_MAX_REQUEUES (default 20) and this
-# script exits 0; past the budget it exits 75. Any other failure is logged, `beit-scale heartbeat` records it
-# in $BEIT_SCALE_RUN_DIR where both exist, and the script exits with srun's code.
+# script exits 0; past the budget it exits 75. Any other failure is logged with every rank's last step and
+# sign of life (`beit-scale heartbeat` on $BEIT_SCALE_RUN_DIR, else the recipe's run folder), and the script
+# exits with srun's code.
 set -euo pipefail
 
 PREEMPTED=75
@@ -100,7 +101,13 @@ if [[ $rc -eq $PREEMPTED ]]; then
   exit "$PREEMPTED"
 fi
 log "srun exited $rc"
-if [[ -n "${BEIT_SCALE_RUN_DIR:-}" ]] && python -m beit_scale.cli heartbeat --help >/dev/null 2>&1; then
-  python -m beit_scale.cli heartbeat "$BEIT_SCALE_RUN_DIR" || log "beit-scale heartbeat failed"
+# Each rank's last finished step and sign of life, from the run folder (BEIT_SCALE_RUN_DIR, else the recipe's).
+RUN_DIR=${BEIT_SCALE_RUN_DIR:-}
+if [[ -z "$RUN_DIR" && $JOB != consolidate ]]; then
+  RUN_DIR=$(python -m beit_scale.cli run-dir "$@" 2>/dev/null || true)
+fi
+if [[ -n "$RUN_DIR" ]] && python -m beit_scale.cli heartbeat --help >/dev/null 2>&1; then
+  log "ranks' last heartbeats in $RUN_DIR:"
+  python -m beit_scale.cli heartbeat "$RUN_DIR" || log "beit-scale heartbeat failed"
 fi
 exit "$rc"

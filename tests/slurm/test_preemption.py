@@ -49,7 +49,7 @@ def submit(cluster, inputs, tmp_path, out, extra_env=None, *overrides):
     args = ["sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=5", "--export=ALL",
             f"--output={tmp_path / 'job.out'}", "launch/pretrain.sbatch", "--config", "quickstart_pretrain",
             f"run.output_dir={out}", f"data.root={train}", f"tokenizer.path={tok}", *RUN, *overrides]
-    env = job_env(cluster, {"BEIT_SCALE_RUN_DIR": str(out), **(extra_env or {})})
+    env = job_env(cluster, extra_env or {})  # run.sh finds the run folder from the recipe for its report
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
