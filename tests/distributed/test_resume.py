@@ -267,29 +267,32 @@ def global_batches(out, world, steps=range(1, STEPS + 1)):
     return {s: sorted(ids) for s, ids in batches.items()}
 
 
-@pytest.mark.parametrize("stage, saved, resumed, fault, resumed_from", [
-    (3, 2, 1, "after_step@5", 4),  # ZeRO-3 universal load: layer groups and AdamW steps must be put right
-    (1, 1, 2, "after_step@3", 2),
-    (0, 2, 1, "after_step@3", 2),
+@pytest.mark.parametrize("stage, saved, resumed, fault, resumed_from, precision", [
+    (3, 2, 1, "after_step@5", 4, "fp32"),  # ZeRO-3 universal load: layer groups and AdamW steps must be put right
+    (1, 1, 2, "after_step@3", 2, "fp32"),
+    (0, 2, 1, "after_step@3", 2, "fp32"),
+    (2, 2, 1, "after_step@3", 2, "bf16"),  # the large recipe's set-up
 ])
 def test_resume_on_another_number_of_ranks(inputs, tmp_path_factory, tmp_path, stage, saved, resumed, fault,
-                                           resumed_from):
+                                           resumed_from, precision):
     """2 -> 1 and 1 -> 2 ranks through the universal checkpoint: same global batches, same losses (fp32,
     up to the order of the reductions), whatever the world size. No stochastic depth: its draws are per rank."""
-    if "nodrop" not in _BASELINES:  # one reference for every stage: in fp32 ZeRO changes only reduction order
-        _BASELINES["nodrop"] = tmp_path_factory.mktemp("full_z3_nodrop")
-        run_ranks(command(inputs, _BASELINES["nodrop"], 3, "fp32", "model.drop_path=0.0"), timeout=240)
-    full = _BASELINES["nodrop"]
-    killed = subprocess.run(command(inputs, tmp_path, stage, "fp32", "model.drop_path=0.0", nproc=saved),
+    key = ("nodrop", precision)  # one reference per precision: in fp32 ZeRO changes only reduction order
+    if key not in _BASELINES:
+        _BASELINES[key] = tmp_path_factory.mktemp(f"full_nodrop_{precision}")
+        run_ranks(command(inputs, _BASELINES[key], stage, precision, "model.drop_path=0.0"), timeout=240)
+    full = _BASELINES[key]
+    killed = subprocess.run(command(inputs, tmp_path, stage, precision, "model.drop_path=0.0", nproc=saved),
                             env=rank_env(BEIT_SCALE_FAULT=fault), capture_output=True, text=True, timeout=240)
     assert killed.returncode != 0 and "fault hook: killing rank 0" in killed.stderr
-    proc = run_ranks(command(inputs, tmp_path, stage, "fp32", "model.drop_path=0.0", nproc=resumed), timeout=240)
+    proc = run_ranks(command(inputs, tmp_path, stage, precision, "model.drop_path=0.0", nproc=resumed), timeout=240)
     assert (f"resumed from {tmp_path / 'checkpoints'}/step_{resumed_from:09d} at step {resumed_from}, saved by "
             f"{saved} ranks, re-partitioned for {resumed}") in proc.stderr
     before, after = range(1, resumed_from + 1), range(resumed_from + 1, STEPS + 1)
     assert global_batches(tmp_path, saved, before) | global_batches(tmp_path, resumed, after) \
         == global_batches(full, 2)  # nothing lost or repeated, whatever the world size
-    assert losses(tmp_path) == pytest.approx(losses(full), rel=2e-5)
+    # bf16 2 -> 1 at ZeRO-2 differed by at most 2e-4 relative when this was written (reduction order in bf16)
+    assert losses(tmp_path) == pytest.approx(losses(full), rel=2e-5 if precision == "fp32" else 2e-3)
     if stage == 3:
         assert "corrected DeepSpeed's universal load: 1 param groups had group 0's settings" in proc.stderr
     assert not (tmp_path / "checkpoints" / "universal").exists()  # the conversion went with the first new commit
