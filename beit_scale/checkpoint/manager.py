@@ -191,10 +191,13 @@ class CheckpointManager:
         if self.universal:
             settings.restore(engine)
         # Counters and the data position are the same on every rank; RNG streams are per rank, and a rank
-        # the saving run did not have starts from rank 0's, re-seeded with its own rank (see resume_rng).
+        # the saving run did not have starts from rank 0's, re-seeded with its own rank (resume_or_start).
         own = self.rank < saved_world
         state = torch.load(rank_state_file(self.root / tag, self.rank if own else 0), weights_only=True)
         state["rng_is_own"] = own
+        if "batch_in_epoch" in state:  # saved before the position became a global sample count
+            micro = json.loads(meta_file(self.root / tag).read_text())["config"]["train"]["micro_batch"]
+            state["samples_in_epoch"] = state.pop("batch_in_epoch") * micro * saved_world
         if saved_world != self.world:
             log.info("resumed from %s at step %d, saved by %d ranks, re-partitioned for %d", self.root / tag,
                      step_of(tag), saved_world, self.world)

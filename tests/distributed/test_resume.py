@@ -339,3 +339,31 @@ def test_the_slurm_torchrun_wrapper_passes_the_signal_to_its_ranks_and_exits_75(
     assert "[rank 0] WARNING beit_scale.train.common: preempted (USR2): checkpoint of step" in err
     [tag] = committed_tags(tmp_path / "checkpoints")
     assert 1 <= int(tag.split("_")[1]) < 400
+
+
+def test_a_checkpoint_with_the_old_per_rank_batch_count_resumes_at_the_same_place(inputs, tmp_path_factory, tmp_path):
+    """Checkpoints written before the data position became a global sample count kept `batch_in_epoch`
+    (micro batches per rank); they must resume at the same sample, not silently at the epoch's start."""
+    import shutil
+
+    import torch
+
+    from beit_scale.checkpoint.files import sha256
+
+    full = baseline(inputs, tmp_path_factory, 1)
+    shutil.copytree(full, tmp_path, dirs_exist_ok=True)
+    ckpt = tmp_path / "checkpoints" / "step_000000004"
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000000006")
+    (tmp_path / "checkpoints" / "latest_committed").write_text("step_000000004\n")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for rank in (0, 1):
+        path = ckpt / f"beit_rank{rank:05d}.pt"
+        state = torch.load(path, weights_only=True)
+        consumed = state.pop("samples_in_epoch")
+        state["batch_in_epoch"] = consumed // (4 * 2)  # micro batch 4, 2 ranks
+        torch.save(state, path)
+        manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert consumed % 8 == 0 and consumed > 0  # mid-epoch: a restart at 0 would change the data order
+    run_ranks(command(inputs, tmp_path, 1), timeout=240)
+    assert losses(tmp_path) == losses(full) and samples(tmp_path) == samples(full)
