@@ -75,10 +75,6 @@ def convert(layout: RunLayout, tag: str) -> Path:
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed on {layout.checkpoints / tag}:\n{proc.stderr[-3000:]}")
-    for name in ("mp_rank_00_model_states.pt",):  # DeepSpeed reads the module's metadata from the step folder
-        src = layout.checkpoints / tag / name
-        if src.is_file() and not (tmp / name).exists():
-            shutil.copy2(src, tmp / name)
     (tmp / _COMPLETE).write_text("ds_to_universal\n")
     for old in layout.universal.iterdir():  # one conversion is enough; older ones are stale
         if old.name != f"{tag}.tmp":

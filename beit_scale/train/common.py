@@ -128,13 +128,11 @@ class Loop:
         faults.maybe_kill("after_step", step, self.rank)
         faults.maybe_signal(step, self.rank, self.stop.signum)
         payload = payload or (lambda: checkpoint_payload(self.state))
-        due = self.checkpoints.due(step, total)
-        if due:
-            self.checkpoints.save(engine, step, payload())
+        ckpt = self.checkpoints.save(engine, step, payload()) if self.checkpoints.due(step, total) else None
         if step == total:  # the final evaluation and export are not steps: no stall verdict on them
             self.heartbeat.close()
         if step < total and self.stop.agreed(step):
-            ckpt = self.checkpoints.save(engine, step, payload()) if not due else self.checkpoints.root
+            ckpt = ckpt or self.checkpoints.save(engine, step, payload())
             log.warning("preempted (%s): checkpoint of step %d/%d committed in %s; exiting with %d so the job "
                         "requeues", self.stop.name, step, total, ckpt, PREEMPTED_EXIT)
             self.close()
