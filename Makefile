@@ -2,8 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# Slurm and munge for the local test cluster (tests/slurm/cluster.sh), OpenMPI for mpi4py and the mpirun test.
-SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev shellcheck
+# Slurm and munge for the local test cluster (tests/slurm/cluster.sh), OpenMPI for mpi4py and the mpirun test,
+# python3-venv for the test that installs the package as an unprivileged user with Debian's python3.
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev shellcheck python3-venv
 APT_INSTALL := apt-get install -y -q --no-install-recommends
 
 .PHONY: setup quickstart test system-packages

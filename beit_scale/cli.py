@@ -15,6 +15,14 @@ log = logging.getLogger("beit_scale")
 JOBS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "linprobe"}
 
 
+def _quickstart_description() -> str:
+    from beit_scale.config import describe_quickstart as describe
+
+    return ("Exports Fashion-MNIST to ImageFolder, trains a dVAE tokenizer, then pretrains a tiny BEiT with MIM, in one\n"
+            f"process. Sizes come from the recipes (beit_scale/recipes/quickstart/):\n  {describe()}\n"
+            f"  {describe('small')} (test-sized)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beit-scale", description="BEiT pretraining at cluster scale on DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -25,9 +33,15 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=True, help="shipped recipe name or YAML path")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=100")
-    q = sub.add_parser("quickstart", help="tokenizer + pretraining on Fashion-MNIST, on a built-in default")
+    q = sub.add_parser("quickstart", help="tokenizer + pretraining on Fashion-MNIST, on a built-in default",
+                       description=_quickstart_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--config", default="default", help="quickstart recipe: default, small (test-sized) or a YAML path")
+    q.add_argument("--data", default=None, metavar="DIR",
+                   help="folder with Fashion-MNIST's four idx files (.gz or not); default: Debian's package "
+                        "(/usr/share/datasets/fashion-mnist), else torchvision's download into OUTPUT_DIR/data")
     q.add_argument("--output-dir", default="runs/quickstart")
-    q.add_argument("--images", type=int, default=None, help="training images (default: the recipe's)")
+    q.add_argument("--images", type=int, default=None, help="training images (default: the recipe's train_images)")
+    q.add_argument("overrides", nargs="*", help="quickstart recipe fields, e.g. heldout_images=512")
     c = sub.add_parser("consolidate", help="ZeRO shards -> one fp32 safetensors file plus the config")
     c.add_argument("checkpoint", help="a step folder, a run's checkpoints folder or a run folder")
     c.add_argument("out", help="output .safetensors path")
@@ -131,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "quickstart":
             from beit_scale.train import quickstart
 
-            quickstart.run(args.output_dir, args.images)
+            images = [f"train_images={args.images}"] if args.images is not None else []
+            quickstart.run(args.config, args.output_dir, args.data, [*args.overrides, *images])
         else:
             cfg = load_job_config(args.command, args.config, args.overrides)
             from beit_scale.train.control import PREEMPTED_EXIT, Preempted, catch_early

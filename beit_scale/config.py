@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPE_DIR = PACKAGE_DIR / "recipes"
+QUICKSTART_DIR = RECIPE_DIR / "quickstart"  # what `beit-scale quickstart` runs, not a job's recipe
+PROJECT_ROOT = PACKAGE_DIR.parent  # a checkout's root (launch/, benchmarks/); site-packages after a plain install
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,16 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """`beit-scale quickstart`: how much of Fashion-MNIST to export, and the two stage recipes that train on it."""
+
+    train_images: int = 12000  # first N of the 60,000 training images, exported to ImageFolder (labels unused)
+    heldout_images: int = 1024  # first N of the 10,000 test images: held-out masked-token accuracy
+    tokenizer: str = "quickstart_tokenizer"  # stage 1 recipe (train-tokenizer)
+    pretrain: str = "quickstart_pretrain"  # stage 2 recipe (pretrain); its tokenizer.path is set to stage 1's
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -162,15 +174,16 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def recipe_path(recipe: str) -> Path:
-    """Resolve a recipe given as a shipped name (``quickstart_pretrain``) or a YAML path."""
+def recipe_path(recipe: str, folder: Path = RECIPE_DIR) -> Path:
+    """Resolve a recipe given as a shipped name (``quickstart_pretrain``, in ``folder``) or a YAML path."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    shipped = RECIPE_DIR / f"{path.stem if path.suffix else recipe}.yaml"
+    shipped = folder / f"{path.stem if path.suffix else recipe}.yaml"
     if shipped.is_file():
         return shipped
-    raise ValueError(f"recipe {recipe!r} is neither a YAML file nor a shipped recipe; shipped: {', '.join(list_recipes())}")
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ValueError(f"recipe {recipe!r} is neither a YAML file nor a shipped recipe; shipped: {', '.join(names)}")
 
 
 def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -179,16 +192,42 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ())
     A recipe may name another with ``base: <recipe>``; its keys are merged over the base's.
     """
     data = _read_recipe(recipe) if recipe else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.field=value, e.g. train.total_steps=100")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    _apply_overrides(data, overrides, "section.field=value, e.g. train.total_steps=100")
     return _build(Config, data, "")
 
 
-def _read_recipe(recipe: str, seen: tuple[Path, ...] = ()) -> dict:
-    path = recipe_path(recipe)
+def load_quickstart(recipe: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> QuickstartConfig:
+    """The quickstart's own recipe (shipped in ``recipes/quickstart/``, or a YAML path) with ``field=value``
+    overrides. Its sizes are checked here; the stage recipes it names are loaded and checked by the quickstart."""
+    data = _read_recipe(recipe, folder=QUICKSTART_DIR)
+    _apply_overrides(data, overrides, "field=value, e.g. train_images=3000")
+    cfg = _build(QuickstartConfig, data, "")
+    for name, available in (("train_images", 60000), ("heldout_images", 10000)):
+        if not 1 <= getattr(cfg, name) <= available:
+            raise ValueError(f"quickstart {name}={getattr(cfg, name)} must be in [1, {available}] "
+                             f"(Fashion-MNIST's {'training' if available == 60000 else 'test'} split)")
+    return cfg
+
+
+def describe_quickstart(recipe: str = "default") -> str:
+    """One line of what the quickstart recipe runs, with its sizes (for ``--help``)."""
+    qs = load_quickstart(recipe)
+    tok, pt = load_config(qs.tokenizer), load_config(qs.pretrain)
+    return (f"recipe {recipe!r}: {qs.train_images} training and {qs.heldout_images} held-out Fashion-MNIST images; "
+            f"tokenizer {qs.tokenizer} ({tok.train.total_steps} steps of {tok.train.global_batch}), "
+            f"pretraining {qs.pretrain} ({pt.train.total_steps} steps of {pt.train.global_batch})")
+
+
+def _apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], form: str) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like {form}")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+
+
+def _read_recipe(recipe: str, seen: tuple[Path, ...] = (), folder: Path = RECIPE_DIR) -> dict:
+    path = recipe_path(recipe, folder)
     if path in seen:
         raise ValueError(f"recipe {path} includes itself through 'base'")
     data = yaml.safe_load(path.read_text()) or {}
@@ -197,7 +236,7 @@ def _read_recipe(recipe: str, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = _read_recipe(base, seen + (path,))
+    merged = _read_recipe(base, seen + (path,), folder)
     _deep_merge(merged, data)
     return merged
 
@@ -289,8 +328,10 @@ def dump_yaml(cfg: Config, path: Path) -> None:
 
 
 def resolve_project_path(value: str) -> Path:
-    """A path from a recipe: absolute, relative to the working directory, or to the project root (ds_configs/)."""
+    """A path from a recipe: absolute, relative to the working directory, to the package (the shipped
+    ``ds_configs/``, also after a plain ``pip install``), or to the project root of a checkout."""
     path = Path(value).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    return PROJECT_ROOT / path
+    shipped = PACKAGE_DIR / path
+    return shipped if shipped.exists() else PROJECT_ROOT / path

@@ -1,7 +1,7 @@
 """Data side of BEiT pretraining: image folders, two-view transforms, masked-image-modeling samples."""
 
 from beit_scale.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
-from beit_scale.data.fashion_mnist import export_fashion_mnist
+from beit_scale.data.fashion_mnist import export_fashion_mnist, find_fashion_mnist
 from beit_scale.data.folder import SafeImageFolder
 from beit_scale.data.mim import MIMDataset
 from beit_scale.data.sampler import ResumableDistributedSampler
@@ -15,4 +15,5 @@ __all__ = [
     "SafeImageFolder",
     "TwoViewTransform",
     "export_fashion_mnist",
+    "find_fashion_mnist",
 ]

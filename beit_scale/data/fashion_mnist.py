@@ -1,4 +1,4 @@
-"""Export Fashion-MNIST (Debian package dataset-fashion-mnist) to an ImageFolder tree.
+"""Find Fashion-MNIST (a folder, Debian's dataset-fashion-mnist, or torchvision's download) and export it to ImageFolder.
 
 Gives the quickstart recipes and tests a small real dataset in the same layout as ImageNet, so the whole
 pipeline (SafeImageFolder -> TwoViewTransform -> MIMDataset) runs unchanged on it.
@@ -6,12 +6,15 @@ pipeline (SafeImageFolder -> TwoViewTransform -> MIMDataset) runs unchanged on i
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image
@@ -30,7 +33,11 @@ CLASS_NAMES = (
     "bag",
     "ankle_boot",
 )
-DEFAULT_SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
+TORCHVISION_SUBDIR = Path("FashionMNIST/raw")  # where torchvision.datasets.FashionMNIST(root) puts the files
+IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MARKER_NAME = ".export_complete.json"
 
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
@@ -38,22 +45,91 @@ _IMAGES_MAGIC = 0x00000803  # idx3: unsigned byte, 3 dimensions
 _LABELS_MAGIC = 0x00000801  # idx1: unsigned byte, 1 dimension
 
 
+def _idx_file(folder: Path, name: str) -> Path | None:
+    """``name`` gzipped (as published and as Debian ships it) or not (as torchvision also leaves it)."""
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _source_files(source_dir: Path, split: str) -> tuple[Path, Path]:
     if split not in _SPLIT_PREFIX:
         raise ValueError(f"split={split!r} must be one of {sorted(_SPLIT_PREFIX)}")
     prefix = _SPLIT_PREFIX[split]
-    images = source_dir / f"{prefix}-images-idx3-ubyte.gz"
-    labels = source_dir / f"{prefix}-labels-idx1-ubyte.gz"
-    missing = [str(p) for p in (images, labels) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST files not found: {missing}; install them with "
-            "`apt-get install dataset-fashion-mnist` or pass source_dir= to a folder holding the idx .gz files"
-        )
-    return images, labels
+    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    for folder in (source_dir, source_dir / TORCHVISION_SUBDIR):
+        found = [_idx_file(folder, name) for name in names]
+        if all(found):
+            return found[0], found[1]
+    raise FileNotFoundError(
+        f"Fashion-MNIST files not found in {source_dir}: need {names[0]}.gz and {names[1]}.gz (or unzipped); "
+        "install them with `apt-get install dataset-fashion-mnist` (as root), or download them from "
+        f"{FASHION_MNIST_URL} into a folder and name it"
+    )
 
 
-def _read_header(f: gzip.GzipFile, path: Path, magic: int, ndim: int) -> tuple[int, ...]:
+def has_fashion_mnist(source_dir: Path) -> bool:
+    """True when ``source_dir`` holds both splits (the idx files, gzipped or not, or torchvision's layout)."""
+    try:
+        for split in _SPLIT_PREFIX:
+            _source_files(Path(source_dir), split)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def find_fashion_mnist(data_dir: Path | None, download_dir: Path, debian_dir: Path = DEFAULT_SOURCE_DIR) -> Path:
+    """The folder of Fashion-MNIST's idx files: the one given, else Debian's package, else a download.
+
+    Args:
+        data_dir: A folder the user named; used alone, and an error if it lacks the files.
+        download_dir: Where torchvision's download goes when neither the given folder nor Debian's package has
+            them (the network may not allow it).
+        debian_dir: Where Debian's dataset-fashion-mnist puts them.
+
+    Raises:
+        ValueError: Nothing found, with what to do.
+    """
+    if data_dir is not None:
+        if not has_fashion_mnist(Path(data_dir)):
+            raise ValueError(
+                f"--data {data_dir} does not hold Fashion-MNIST: it needs {', '.join(IDX_NAMES)} (each .gz or "
+                f"unzipped), as published at {FASHION_MNIST_URL}, or torchvision's {TORCHVISION_SUBDIR} folder")
+        logger.info("Fashion-MNIST: the folder you named, %s", data_dir)
+        return Path(data_dir)
+    if has_fashion_mnist(debian_dir):
+        logger.info("Fashion-MNIST: Debian's package dataset-fashion-mnist in %s", debian_dir)
+        return Path(debian_dir)
+    if has_fashion_mnist(download_dir):
+        logger.info("Fashion-MNIST: an earlier download in %s", download_dir)
+        return download_dir
+    logger.info("Fashion-MNIST: not in %s; downloading it with torchvision into %s", debian_dir, download_dir)
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(str(download_dir), train=train, download=True)
+    except Exception as err:  # noqa: BLE001 - any network or archive failure gets the same advice
+        raise ValueError(
+            f"Fashion-MNIST is not on this machine and torchvision could not download it ({str(err).strip()[:300]}). "
+            f"Either download {', '.join(IDX_NAMES)} from {FASHION_MNIST_URL} into a folder and pass --data FOLDER, "
+            "or, as root, `apt-get install dataset-fashion-mnist`") from None
+    logger.info("Fashion-MNIST: downloaded by torchvision into %s", download_dir)
+    return download_dir
+
+
+@contextlib.contextmanager
+def _open_idx(path: Path) -> Iterator[BinaryIO]:
+    """The idx file, gunzipped on the fly; a damaged file (e.g. a web page saved as .gz) is a ValueError naming it."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            yield f
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} cannot be read as an idx file ({err}); download it again") from None
+
+
+def _read_header(f: BinaryIO, path: Path, magic: int, ndim: int) -> tuple[int, ...]:
     header = np.frombuffer(f.read(4 * (1 + ndim)), dtype=">u4")
     if header.size != 1 + ndim or int(header[0]) != magic:
         raise ValueError(f"{path} is not an idx file with magic {magic:#010x}; re-install the dataset")
@@ -66,7 +142,7 @@ def read_idx_images(path: Path, limit: int | None = None) -> np.ndarray:
     Returns:
         uint8 array (n, rows, cols).
     """
-    with gzip.open(path, "rb") as f:
+    with _open_idx(path) as f:
         n, rows, cols = _read_header(f, path, _IMAGES_MAGIC, 3)
         n = n if limit is None else min(n, limit)
         data = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8)
@@ -81,7 +157,7 @@ def read_idx_labels(path: Path, limit: int | None = None) -> np.ndarray:
     Returns:
         int64 array (n,).
     """
-    with gzip.open(path, "rb") as f:
+    with _open_idx(path) as f:
         (n,) = _read_header(f, path, _LABELS_MAGIC, 1)
         n = n if limit is None else min(n, limit)
         data = np.frombuffer(f.read(n), dtype=np.uint8)
@@ -127,7 +203,7 @@ def export_fashion_mnist(
         ValueError: Unknown split, or `limit` is not in [1, size of the split].
     """
     images_path, labels_path = _source_files(Path(source_dir), split)
-    with gzip.open(images_path, "rb") as f:
+    with _open_idx(images_path) as f:
         (available, _, _) = _read_header(f, images_path, _IMAGES_MAGIC, 3)
     if limit is not None and not 1 <= limit <= available:
         raise ValueError(f"limit={limit} must be in [1, {available}] for the {split} split, or None for all")
