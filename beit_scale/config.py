@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ class CheckpointConfig:
     every_steps: int = 1000  # optimizer steps between checkpoints (one is always saved at the end); 0 = end only
     keep_last: int = 3  # committed checkpoints kept; older ones are pruned after a newer one commits
     resume: bool = True  # relaunching the same command continues from the newest complete checkpoint
+    start_over: bool = False  # with resume=false on a run folder that has outputs: move them to before-<time>/ first
+    allow_changes: tuple[str, ...] = ()  # fields (e.g. train.total_steps) a resume may change; others are refused
     on_damaged: Literal["fallback", "fail"] = "fallback"  # a damaged newest checkpoint: use the previous, or stop
 
 
@@ -223,19 +226,35 @@ def _apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], form: s
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like {form}")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_first_line(err)}); quote it or "
+                             "fix the brackets, e.g. optim.betas=[0.9,0.999]") from None
+        _set_dotted(data, key.strip(), value)
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def _read_recipe(recipe: str, seen: tuple[Path, ...] = (), folder: Path = RECIPE_DIR) -> dict:
     path = recipe_path(recipe, folder)
     if path in seen:
         raise ValueError(f"recipe {path} includes itself through 'base'")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path} is not valid YAML: {_first_line(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"recipe {path} cannot be read: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"recipe {path}: base={base!r} must name one recipe (a shipped name or a YAML path)")
     merged = _read_recipe(base, seen + (path,), folder)
     _deep_merge(merged, data)
     return merged
@@ -288,6 +307,12 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value not in args:
             raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}={value!r} must be a list, e.g. [a, b]")
+        return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{name}={value!r} must be a list of {len(args)} numbers")
@@ -296,24 +321,57 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be true or false")
         return value
+    # Every number gets these checks by default; checks.py adds each field's own range.
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name}={value!r} must be an integer")
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0 (counts, sizes, steps and seeds are never negative)")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be a string")
         return str(value)
     raise TypeError(f"config field {name} has unsupported type {tp}")  # internal: extend _coerce
+
+
+# What a resume may change without being asked: logging, checkpoint and watchdog cadence, data loading, and how
+# the global batch is split (a resume on another number of ranks). Everything else defines the run.
+SAFE_ON_RESUME = frozenset({
+    "run.output_dir", "data.num_workers", "tokenizer.recon_every",
+    "train.micro_batch", "train.grad_accum", "train.log_every", "train.eval_batches", "train.trace_samples",
+    "train.on_nonfinite", "train.max_consecutive_skips", "train.preempt_signal", "train.preempt_check_every",
+    "train.heartbeat_timeout", "train.stall_timeout", "finetune.eval_every",
+    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_damaged",
+    "checkpoint.start_over", "checkpoint.allow_changes",
+})
+
+
+def changed_fields(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted field, saved value, value now) for each field of ``cfg`` that differs from ``saved`` (a checkpoint's
+    resolved config), not counting :data:`SAFE_ON_RESUME`. Fields the saved config lacks (added by a later
+    version) are not compared."""
+    now = to_dict(cfg)
+    out = []
+    for section, fields in saved.items():
+        if not isinstance(fields, dict) or not isinstance(now.get(section), dict):
+            continue
+        for key, old in fields.items():
+            name = f"{section}.{key}"
+            if key in now[section] and now[section][key] != old and name not in SAFE_ON_RESUME:
+                out.append((name, old, now[section][key]))
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -33,12 +33,26 @@ def read_tokenizer_arch(path: str | Path) -> DVAEArch:
         raise ValueError(f"tokenizer.path={str(path)!r} is not a safetensors tokenizer file: {err}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"tokenizer.path={str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return DVAEArch(**json.loads(meta["arch"]))
+    expected = sorted(f.name for f in dataclasses.fields(DVAEArch))
+    try:
+        arch = json.loads(meta.get("arch", ""))
+    except json.JSONDecodeError:
+        arch = None
+    if not isinstance(arch, dict) or sorted(arch) != expected:
+        found = sorted(arch) if isinstance(arch, dict) else "nothing readable"
+        raise ValueError(f"tokenizer.path={str(path)!r}: its metadata 'arch' must hold exactly {expected}, found "
+                         f"{found}; the file was not written by `beit-scale train-tokenizer` of this version")
+    return DVAEArch(**arch)
 
 
 def load_tokenizer(path: str | Path) -> DiscreteVAE:
     """Rebuild a trained dVAE from its file, strictly, in eval mode with gradients off."""
     model = DiscreteVAE(read_tokenizer_arch(path))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()][1:4]
+        raise ValueError(f"tokenizer.path={str(path)!r}: the weights do not match the architecture in its "
+                         f"metadata ({'; '.join(lines)[:400]}); the file is damaged or was edited") from None
     model.eval().requires_grad_(False)
     return model

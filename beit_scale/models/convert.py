@@ -141,6 +141,10 @@ def _convert(sd: StateDict, target: nn.Module, fresh: Mapping[str, torch.Tensor]
         v, shape = sd[k], expected.get(k)
         if shape is None or v.shape == shape:
             continue
+        if v.ndim != 2 or v.shape[1] != shape[1]:
+            raise ValueError(f"checkpoint {k} has shape {tuple(v.shape)}; a relative position table is (positions, "
+                             f"heads) and this model has {shape[1]} heads, {tuple(shape)}: the file is damaged or "
+                             "comes from another model")
         if id(v) not in resized:
             window = target.get_submodule(k.rsplit(".", 1)[0]).window_size
             resized[id(v)] = resize_rel_pos_bias_table(v, new_window_size=window, new_bias_shape=tuple(shape))

@@ -1,5 +1,6 @@
 """Config: recipes load, overrides apply, and every validation error names the field and the fix."""
 import dataclasses
+import re
 
 import pytest
 
@@ -121,3 +122,166 @@ def test_ds_config_clash_with_the_recipe_is_an_error(tmp_path, data_root, tiny_t
     with pytest.raises(ValueError, match=r"sets keys the recipe owns: gradient_clipping \(set optim\.clip_grad in the recipe\), "
                                          r"train_batch_size \(set train\.global_batch in the recipe\)"):
         validate(cfg, world_size=2)
+
+
+# ------------------------------------------------------------------ every value checked (NaN, inf, ranges)
+
+
+def _numeric_fields(cls, prefix=""):
+    """(dotted name, type, tuple length or 0) of every int and float field of the tree, tuples and optionals too."""
+    import types
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+            continue
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[int] -> int
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is tuple and typing.get_args(tp)[-1] is not Ellipsis:  # tuple[float, float]
+            if typing.get_args(tp)[0] in (int, float):
+                yield f"{prefix}{f.name}", typing.get_args(tp)[0], len(typing.get_args(tp))
+        elif tp in (int, float):
+            yield f"{prefix}{f.name}", tp, 0
+
+
+@pytest.mark.parametrize("name, tp, length", list(_numeric_fields(Config)))
+def test_every_number_is_finite_and_every_integer_non_negative_by_default(name, tp, length):
+    """A field added tomorrow gets these checks without anyone writing one (range checks are false for NaN)."""
+    bad = ".nan" if tp is float else "-1"
+    value = f"[{', '.join([bad] * length)}]" if length else bad
+    with pytest.raises(ValueError, match=re.escape(name) + r".*(must be a finite number|must be >= 0)"):
+        load_config("pretrain_base_in1k", [f"{name}={value}"])
+    if tp is float:
+        with pytest.raises(ValueError, match="must be a finite number"):
+            load_config("pretrain_base_in1k", [f"{name}={value.replace('.nan', '.inf')}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.weight_decay=.nan", r"optim\.weight_decay=nan must be a finite number"),
+    ("optim.clip_grad=.nan", r"optim\.clip_grad=nan must be a finite number"),
+    ("train.heartbeat_timeout=.nan", r"train\.heartbeat_timeout=nan must be a finite number"),
+    ("optim.lr=.inf", r"optim\.lr=inf must be a finite number"),
+    ("optim.lr=nan", r"optim\.lr=nan must be a finite number"),  # a string YAML does not read as a number
+    ("run.seed=-1", r"run\.seed=-1 must be >= 0"),
+])
+def test_non_finite_and_negative_values_are_refused_when_read(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("pretrain_base_in1k", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.eps=0", r"optim\.eps=0\.0 must be in \(0, inf\)"),
+    ("optim.lr=0", r"optim\.lr=0\.0 must be in \(0, inf\)"),
+    ("model.drop_path=5", r"model\.drop_path=5\.0 must be in \[0, 1\)"),
+    ("data.std=[0,0,0]", r"data\.std=\[0\.0, 0\.0, 0\.0\] must be in \(0, inf\)"),
+    ("data.std=[0.2,0,0.2]", r"data\.std=\[0\.2, 0\.0, 0\.2\] must be in \(0, inf\)"),
+    ("train.max_consecutive_skips=0", r"train\.max_consecutive_skips=0 must be in \[1, inf\)"),
+    ("optim.betas=[0.9,1.0]", r"optim\.betas=\[0\.9, 1\.0\] must be in \[0, 1\)"),
+    ("tokenizer.anneal_fraction=0", r"tokenizer\.anneal_fraction=0\.0 must be in \(0, 1\]"),
+    ("run.output_dir=", r"run\.output_dir is empty; name the run's folder"),
+    ("run.output_dir=' '", r"run\.output_dir is empty"),
+    ("train.preempt_signal=CHLD", r"train\.preempt_signal='CHLD' is not a signal a scheduler sends before preempting"),
+    ("train.preempt_signal=SIGKILL", r"is not a signal a scheduler sends"),
+])
+def test_out_of_range_values_fail_validation_naming_the_interval(data_root, tiny_tokenizer_file, override, message):
+    cfg = _pretrain(data_root, tiny_tokenizer_file(112, 8), override)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=2)
+
+
+def test_every_range_names_a_real_field_and_shipped_recipes_are_inside_them():
+    from beit_scale.checks import RANGES, _check_ranges
+
+    for name in RANGES:
+        section, field = name.split(".")
+        assert field in {f.name for f in dataclasses.fields(getattr(Config(), section))}, name
+    for recipe in list_recipes():
+        _check_ranges(load_config(recipe))
+
+
+def test_preemption_signals_a_scheduler_sends_are_accepted(data_root, tiny_tokenizer_file):
+    for sig in ("USR1", "SIGUSR2", "TERM", ""):
+        validate(_pretrain(data_root, tiny_tokenizer_file(112, 8), f"train.preempt_signal={sig}"), world_size=2)
+
+
+# ------------------------------------------------------------------ malformed recipes: messages, not tracebacks
+
+
+def test_malformed_yaml_recipe_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  total_steps: [1, 2\nmodel:\n  name: x\n")
+    with pytest.raises(ValueError, match=r"recipe .*bad\.yaml is not valid YAML: .*line"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize("base", ["[pretrain_base_in1k, quickstart_pretrain]", "{a: 1}", "''", "3"])
+def test_base_must_name_one_recipe(tmp_path, base):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {base}\ntrain:\n  total_steps: 5\n")
+    with pytest.raises(ValueError, match=r"base=.* must name one recipe"):
+        load_config(str(recipe))
+
+
+def test_an_override_that_is_not_yaml_says_how_to_write_it():
+    with pytest.raises(ValueError, match=r"override 'optim\.betas=\[0\.9, 0\.99': the value is not valid YAML"):
+        load_config("pretrain_base_in1k", ["optim.betas=[0.9, 0.99"])
+
+
+def test_a_binary_recipe_file_is_a_message(tmp_path):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"recipe .*bin\.yaml (cannot be read|is not valid YAML)"):
+        load_config(str(bad))
+
+
+# ------------------------------------------------------------------ tokenizer files that were not written by us
+
+
+def _tokenizer_variant(path, arch_edit=None, drop_tensor=None, meta_arch=None):
+    import json
+
+    from safetensors.torch import load_file
+
+    from beit_scale.checkpoint.weights import save_weights
+
+    weights = load_file(str(path))
+    if drop_tensor:
+        weights.pop(drop_tensor)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    arch = json.loads(meta["arch"])
+    if arch_edit:
+        arch_edit(arch)
+    meta["arch"] = meta_arch if meta_arch is not None else json.dumps(arch)
+    out = path.with_name("variant.safetensors")
+    save_weights(weights, out, meta)
+    return out
+
+
+@pytest.mark.parametrize("edit, meta_arch", [
+    (lambda a: a.pop("hidden_dim"), None),  # a key missing
+    (lambda a: a.update(dropout=0.1), None),  # a key we do not know
+    (None, "not json"),
+])
+def test_tokenizer_file_with_other_architecture_keys_is_refused(data_root, tiny_tokenizer_file, edit, meta_arch):
+    bad = _tokenizer_variant(tiny_tokenizer_file(112, 8), arch_edit=edit, meta_arch=meta_arch)
+    with pytest.raises(ValueError, match=r"its metadata 'arch' must hold exactly \['codebook_dim', 'downsample'"):
+        validate(_pretrain(data_root, bad), world_size=2)
+
+
+def test_tokenizer_weights_that_do_not_match_the_architecture_are_refused(tiny_tokenizer_file):
+    from safetensors.torch import load_file
+
+    from beit_scale.checkpoint.tokenizer_file import load_tokenizer
+
+    path = tiny_tokenizer_file(112, 8)
+    missing = _tokenizer_variant(path, drop_tensor=sorted(load_file(str(path)))[0])
+    with pytest.raises(ValueError, match=r"the weights do not match the architecture in its metadata \(Missing key"):
+        load_tokenizer(missing)
+    wider = _tokenizer_variant(path, arch_edit=lambda a: a.update(codebook_dim=16))  # same tensors, other shapes
+    with pytest.raises(ValueError, match=r"the weights do not match the architecture in its metadata \(size mismatch"):
+        load_tokenizer(wider)

@@ -252,3 +252,11 @@ def test_mim_backbone_in_timm_keeps_the_encoder_and_starts_a_fresh_fc_norm(mim):
         torch.testing.assert_close(avg(images), F.layer_norm(pre_norm[:, 1:].mean(1), (96,), eps=1e-6))
     with pytest.raises(ValueError, match="global_pool='token'"):
         mim_to_timm_backbone(mim.state_dict(), TINY, global_pool="token")
+
+
+def test_a_relative_position_table_of_the_wrong_rank_is_a_message(mim):
+    sd = mim.state_dict()
+    sd["rel_pos_bias.relative_position_bias_table"] = sd["rel_pos_bias.relative_position_bias_table"].flatten()
+    clf = build_classifier(TINY, num_classes=10, img_size=64)
+    with pytest.raises(ValueError, match=r"has shape \(684,\); a relative position table is \(positions, heads\)"):
+        mim_to_classifier_state_dict(sd, clf)

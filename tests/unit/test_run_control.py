@@ -76,8 +76,9 @@ def test_a_rank_without_steps_for_the_stall_timeout_names_itself(tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("KILL", "is not a signal a handler can catch"),
-    ("NOPE", "is not a signal a handler can catch"),
+    ("KILL", "is not a signal a scheduler sends before preempting a job"),
+    ("NOPE", "is not a signal a scheduler sends before preempting a job"),
+    ("CHLD", "is not a signal a scheduler sends"),  # a data-loader worker's exit would look like preemption
 ])
 def test_uncatchable_or_unknown_preempt_signals_are_refused(value, message):
     cfg = load_config("quickstart_pretrain", [f"train.preempt_signal={value}", "train.micro_batch=8",
