@@ -4,9 +4,10 @@ Each check raises ValueError naming the field and what to change. Nothing here i
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
-from beit_scale.config import Config
+from beit_scale.config import Config, to_dict
 from beit_scale.models.zoo import get_spec
 
 
@@ -91,6 +92,12 @@ def _check_run_folder(cfg: Config) -> None:
     from beit_scale.checkpoint.files import committed_tags
 
     c, layout = cfg.checkpoint, RunLayout(Path(cfg.run.output_dir))
+    fields = [f"{section}.{key}" for section, values in to_dict(cfg).items() for key in values]
+    for name in c.allow_changes:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ValueError(f"checkpoint.allow_changes (--allow-config-change) names {name!r}, which is not a config "
+                             f"field{f'; did you mean {close[0]}?' if close else ''}")
     if c.start_over and c.resume:
         raise ValueError("checkpoint.start_over=true starts a new run; set checkpoint.resume=false with it "
                          "(or drop start_over to continue the run in run.output_dir)")

@@ -4,19 +4,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from beit_scale.checkpoint.layout import RunLayout
+
 MANIFEST = "manifest.json"
 TAG_PREFIX = "step_"
+
+
+_TAG = re.compile(r"step_(\d{9})")
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed copies these beside the step folders
+
+
+class ManifestError(ValueError):
+    """A manifest exists but cannot be read (bad bytes, bad JSON, missing fields): the checkpoint is damaged."""
 
 
 def tag_of(step: int) -> str:
     return f"{TAG_PREFIX}{step:09d}"
 
 
+def is_tag(name: str) -> bool:
+    """True for the names :func:`tag_of` writes, and nothing else (``step_000000004.bak``, ``step_old``)."""
+    return _TAG.fullmatch(name) is not None
+
+
 def step_of(tag: str) -> int:
-    return int(tag[len(TAG_PREFIX):])
+    match = _TAG.fullmatch(tag)
+    if match is None:
+        raise ValueError(f"{tag!r} is not a checkpoint folder name (step_ and nine digits)")
+    return int(match.group(1))
+
+
+def strangers(layout: RunLayout) -> list[str]:
+    """Names in a run's checkpoints folder that no beit_scale run wrote (a user's backup copy, say): never read."""
+    root = layout.checkpoints
+    if not root.is_dir():
+        return []
+    ours = {layout.latest.name, layout.latest.name + ".tmp", layout.universal.name, *DEEPSPEED_SCRIPTS}
+    return sorted(p.name for p in root.iterdir() if not (is_tag(p.name) and p.is_dir()) and p.name not in ours)
 
 
 def rank_state_file(ckpt: Path, rank: int) -> Path:
@@ -61,9 +89,13 @@ class Problem:
 
 
 def check_files(ckpt: Path, entries: dict[str, dict], share: tuple[int, int] = (0, 1)) -> list[Problem]:
-    """Compare this rank's share (``index % world == rank``) of the manifest's entries with the files."""
+    """Compare this rank's share (``index % world == rank``) of the manifest's entries with the files; rank 0
+    also names every file the manifest does not list (DeepSpeed would load a planted shard without asking)."""
     rank, world = share
     problems = []
+    if rank == 0:
+        problems += [Problem(str(p), "not listed in the manifest (planted or left by another run)")
+                     for p in payload_files(ckpt) if str(p.relative_to(ckpt)) not in entries]
     for i, (rel, entry) in enumerate(sorted(entries.items())):
         if i % world != rank:
             continue
@@ -78,18 +110,42 @@ def check_files(ckpt: Path, entries: dict[str, dict], share: tuple[int, int] = (
 
 
 def read_manifest(ckpt: Path) -> dict | None:
+    """The manifest of ``ckpt``; None when there is none (the save did not finish).
+
+    Raises:
+        ManifestError: It exists but cannot be read or lacks what a manifest holds, naming the file.
+    """
     path = ckpt / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is unreadable ({type(err).__name__}: {str(err)[:120]})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = (isinstance(files, dict) and isinstance(manifest.get("world_size"), int) and manifest["world_size"] >= 1
+          and all(isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+                  for e in files.values()))
+    if not ok:
+        raise ManifestError(f"{path} lacks what a manifest holds (world_size, and files with size and sha256)")
+    return manifest
 
 
 def committed_tags(root: Path) -> list[str]:
     """Tags with a manifest, newest first (a manifest is written only after every rank's files are complete)."""
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / MANIFEST).is_file()]
+    tags = [p.name for p in root.iterdir() if is_tag(p.name) and p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(tags, key=step_of, reverse=True)
+
+
+def newest_saved_config(layout: RunLayout) -> tuple[Path, dict] | None:
+    """(step folder, resolved config) of the newest committed checkpoint whose meta file reads; None if none."""
+    for tag in committed_tags(layout.checkpoints):
+        try:
+            config = json.loads(meta_file(layout.checkpoints / tag).read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict):
+            return layout.checkpoints / tag, config
+    return None

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+_RETIRED = "before-"  # earlier runs' outputs, moved aside by checkpoint.start_over
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
@@ -16,6 +19,11 @@ class RunLayout:
     @property
     def ds_config(self) -> Path:
         return self.root / "ds_config.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held by rank 0 of the run using this folder (see :mod:`beit_scale.checkpoint.lock`)."""
+        return self.root / "run.lock"
 
     @property
     def tensorboard(self) -> Path:
@@ -69,6 +77,20 @@ class RunLayout:
     def sample_trace(self, rank: int) -> Path:
         """Sample ids each rank trained on, per step (only with train.trace_samples)."""
         return self.root / f"samples_rank{rank:05d}.jsonl"
+
+    def previous_outputs(self) -> list[Path]:
+        """What an earlier run left here (checkpoints, metrics, weights, logs); earlier retired runs excluded."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if not p.name.startswith(_RETIRED) and p != self.lock)
+
+    def retire(self, stamp: str) -> Path:
+        """Move :meth:`previous_outputs` into ``before-<stamp>/`` so that a new run starts on an empty folder."""
+        dest = self.root / f"{_RETIRED}{stamp}"
+        dest.mkdir()
+        for p in self.previous_outputs():
+            p.rename(dest / p.name)
+        return dest
 
     def make(self) -> "RunLayout":
         self.root.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 from beit_scale.checkpoint import faults
-from beit_scale.checkpoint.files import (MANIFEST, atomic_write_text, check_files, committed_tags, meta_file,
-                                         payload_files, rank_state_file, read_manifest, sha256, step_of, tag_of)
+from beit_scale.checkpoint.files import (MANIFEST, ManifestError, atomic_write_text, check_files, committed_tags,
+                                         is_tag, meta_file, payload_files, rank_state_file, read_manifest, sha256,
+                                         step_of, strangers, tag_of)
 from beit_scale.checkpoint.layout import RunLayout
 from beit_scale.checkpoint.reshape import GroupSettings, convert, unpartitioned
 from beit_scale.checkpoint.safety import check_unpickle_safe
@@ -36,6 +37,7 @@ class Resumed:
     tag: str
     step: int
     rank_state: dict  # TrainState fields and "rng"
+    config: dict  # the resolved config the checkpoint was saved with
 
 
 def _all_gather(obj) -> list:
@@ -104,15 +106,25 @@ class CheckpointManager:
         return ckpt
 
     def _prune(self, newest: int) -> None:
-        """Keep the ``keep_last`` newest committed checkpoints; drop incomplete ones older than ``newest``."""
-        committed = committed_tags(self.root)  # includes the one just committed
+        """Keep ``newest`` (just committed) and the ``keep_last - 1`` committed checkpoints before it.
+
+        A run's checkpoints form one timeline ending at ``newest``: a step folder numbered higher belongs to a
+        timeline this run abandoned (a damaged checkpoint it fell back from), so it goes first and can never
+        outlive a good one. Incomplete folders older than ``newest`` go too; folders we did not name are left.
+        """
         if self.layout.universal.exists():  # a conversion made to resume on another world size is spent
             shutil.rmtree(self.layout.universal, ignore_errors=True)
-        for tag in committed[self.keep_last:]:
+        committed = committed_tags(self.root)  # includes the one just committed
+        for tag in [t for t in committed if step_of(t) > newest]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            log.warning("removed checkpoint %s: newer than step %d, it belongs to a timeline this run left when it "
+                        "fell back from it", tag, newest)
+        kept = [t for t in committed if step_of(t) <= newest]
+        for tag in kept[self.keep_last:]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
             log.info("pruned checkpoint %s", tag)
         for p in self.root.iterdir():
-            if p.is_dir() and p.name not in committed and p.name.startswith("step_") and step_of(p.name) < newest:
+            if is_tag(p.name) and p.is_dir() and p.name not in committed and step_of(p.name) != newest:
                 shutil.rmtree(p, ignore_errors=True)
                 log.info("removed incomplete checkpoint %s", p.name)
 
@@ -125,13 +137,26 @@ class CheckpointManager:
         ``on_damaged='fallback'`` the previous complete one is tried, else this raises. It never returns
         None while a committed checkpoint exists that could not be loaded.
         """
+        stray = strangers(self.layout)
+        if stray:
+            log.warning("ignoring %s in %s: not checkpoint folders this run wrote (step_ and nine digits)", stray,
+                        self.root)
         tags = committed_tags(self.root)
+        pointer = self.layout.latest.read_text().strip() if self.layout.latest.is_file() else None
+        failures = []
+        if pointer is not None and pointer not in tags:
+            # The pointer is written after the manifest: it names a checkpoint that was complete.
+            failures.append(f"{self.layout.latest} names {pointer!r}, which has no manifest now (deleted or damaged)")
+            log.error("%s", failures[-1])
+            if self.on_damaged == "fail" or not tags:
+                raise CheckpointError("no checkpoint can be resumed (checkpoint.on_damaged="
+                                      f"{self.on_damaged}):\n  " + "\n  ".join(failures) + "\nTo start over anyway, "
+                                      "set checkpoint.resume=false checkpoint.start_over=true")
         if not tags:
-            leftovers = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+            leftovers = [p.name for p in self.root.iterdir() if is_tag(p.name)] if self.root.is_dir() else []
             if leftovers:
                 log.warning("no complete checkpoint in %s (only %s); starting from step 0", self.root, leftovers)
             return None
-        failures = []
         for tag in tags:
             reason = self._check(tag)
             if reason is None:
@@ -155,9 +180,12 @@ class CheckpointManager:
     def _check(self, tag: str) -> str | None:
         """Every rank verifies a share of the files; all ranks get every problem (no rank waits alone)."""
         ckpt = self.root / tag
-        manifest = read_manifest(ckpt)
+        try:
+            manifest = read_manifest(ckpt)
+        except ManifestError as err:
+            return str(err)
         if manifest is None:
-            return "manifest unreadable"
+            return "manifest missing"
         if manifest["world_size"] != self.world and not (self.universal or unpartitioned(ckpt)):
             return (f"saved by {manifest['world_size']} ranks but this run has {self.world} (runs re-partition only "
                     f"when the newest complete checkpoint has another world size): relaunch with "
@@ -195,12 +223,12 @@ class CheckpointManager:
         own = self.rank < saved_world
         state = torch.load(rank_state_file(self.root / tag, self.rank if own else 0), weights_only=True)
         state["rng_is_own"] = own
+        config = json.loads(meta_file(self.root / tag).read_text())["config"]
         if "batch_in_epoch" in state:  # saved before the position became a global sample count
-            micro = json.loads(meta_file(self.root / tag).read_text())["config"]["train"]["micro_batch"]
-            state["samples_in_epoch"] = state.pop("batch_in_epoch") * micro * saved_world
+            state["samples_in_epoch"] = state.pop("batch_in_epoch") * config["train"]["micro_batch"] * saved_world
         if saved_world != self.world:
             log.info("resumed from %s at step %d, saved by %d ranks, re-partitioned for %d", self.root / tag,
                      step_of(tag), saved_world, self.world)
         else:
             log.info("resumed from %s at step %d", self.root / tag, step_of(tag))
-        return Resumed(tag, step_of(tag), state)
+        return Resumed(tag, step_of(tag), state, config)

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
-from beit_scale.checkpoint.files import committed_tags, meta_file, read_manifest
+from beit_scale.checkpoint.files import ManifestError, committed_tags, meta_file, read_manifest
 from beit_scale.checkpoint.layout import RunLayout
 
 log = logging.getLogger(__name__)
-
-_COMPLETE = "converted"  # marker written last in a finished conversion
 
 
 def unpartitioned(ckpt: Path) -> bool:
@@ -39,9 +37,14 @@ def unpartitioned(ckpt: Path) -> bool:
 
 def needs_universal(layout: RunLayout, world: int, resume: bool) -> bool:
     """True when this run will resume a partitioned checkpoint saved by another number of ranks."""
-    tags = committed_tags(layout.checkpoints) if resume else []
-    manifest = read_manifest(layout.checkpoints / tags[0]) if tags else None
-    if manifest is None or manifest["world_size"] == world or unpartitioned(layout.checkpoints / tags[0]):
+    manifest = None
+    for tag in committed_tags(layout.checkpoints) if resume else []:  # the newest readable one: resume tries it
+        try:
+            manifest = read_manifest(layout.checkpoints / tag)
+            break
+        except ManifestError:
+            continue
+    if manifest is None or manifest["world_size"] == world or unpartitioned(layout.checkpoints / tag):
         return False
     saved = manifest["world_size"]
     log.warning("the newest checkpoint was saved by %d ranks and this run has %d: it will be converted to a "
@@ -57,12 +60,10 @@ def convert(layout: RunLayout, tag: str) -> Path:
     """Convert checkpoint ``tag`` to a universal one (rank 0 only); returns the folder DeepSpeed loads from.
 
     The conversion goes to a temporary folder renamed into place when done, so a killed conversion is
-    redone, never half-used. Its inputs were verified against the manifest and scanned for unsafe pickles.
+    redone, never half-used. Its inputs were verified against the manifest and scanned for unsafe pickles; an
+    earlier conversion is never reused, as nothing vouches for files that lay in the run folder since.
     """
     out = layout.universal / tag
-    if (out / _COMPLETE).is_file():
-        log.info("using the universal conversion %s", out)
-        return layout.universal
     tmp = layout.universal / f"{tag}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -75,7 +76,6 @@ def convert(layout: RunLayout, tag: str) -> Path:
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed on {layout.checkpoints / tag}:\n{proc.stderr[-3000:]}")
-    (tmp / _COMPLETE).write_text("ds_to_universal\n")
     for old in layout.universal.iterdir():  # one conversion is enough; older ones are stale
         if old.name != f"{tag}.tmp":
             shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from beit_scale.checkpoint.files import check_files, committed_tags, meta_file, read_manifest
+from beit_scale.checkpoint.files import ManifestError, check_files, committed_tags, meta_file, read_manifest
 from beit_scale.checkpoint.layout import RunLayout
 from beit_scale.checkpoint.safety import UnsafeCheckpointError, check_unpickle_safe
 from beit_scale.checkpoint.weights import save_weights
@@ -30,15 +30,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def inspect(path: str | Path) -> dict:
     """Step, world size, ZeRO stage, dtype, versions, key config, and whether every file matches the manifest."""
     ckpt = resolve_checkpoint(path)
-    manifest = read_manifest(ckpt)
-    meta = json.loads(meta_file(ckpt).read_text()) if meta_file(ckpt).is_file() else {}
-    problems = check_files(ckpt, manifest["files"]) if manifest else []
-    cfg = meta.get("config", {})
+    try:
+        manifest = read_manifest(ckpt)
+        problems = [str(p) for p in check_files(ckpt, manifest["files"])] if manifest else []
+        if manifest is None:
+            problems.append("no manifest: the save did not finish")
+    except ManifestError as err:
+        manifest, problems = None, [str(err)]
+    try:
+        meta = json.loads(meta_file(ckpt).read_text()) if meta_file(ckpt).is_file() else {}
+    except (OSError, ValueError) as err:
+        meta = {}
+        problems.append(f"{meta_file(ckpt)} is unreadable ({type(err).__name__})")
+    cfg = meta.get("config", {}) if isinstance(meta, dict) else {}
     return {
         "checkpoint": str(ckpt),
         "step": meta.get("step"),
         "complete": manifest is not None and not problems,
-        "problems": [str(p) for p in problems] + ([] if manifest else ["no manifest: the save did not finish"]),
+        "problems": problems,
         "world_size": meta.get("world_size"),
         "zero_stage": meta.get("zero_stage"),
         "dtype": meta.get("dtype"),

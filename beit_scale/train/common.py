@@ -19,9 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from beit_scale.checkpoint import RunLayout, faults
+from beit_scale.checkpoint.files import newest_saved_config
+from beit_scale.checkpoint.lock import lock_run_folder
 from beit_scale.checkpoint.manager import CheckpointManager
 from beit_scale.checkpoint.reshape import needs_universal
-from beit_scale.config import Config, dump_yaml, to_dict
+from beit_scale.config import Config, changed_fields, dump_yaml, to_dict
 from beit_scale.data import ResumableDistributedSampler
 from beit_scale.engine.core import build_engine, engine_dtype
 from beit_scale.engine.ds_config import build_ds_config, write_ds_config
@@ -44,7 +46,11 @@ def start_engine(cfg: Config, model: nn.Module, info, groups: list[dict] | None 
     A newest checkpoint saved by another number of ranks makes the engine load through DeepSpeed's
     universal checkpoint. Returns (layout, engine, schedule, compute dtype).
     """
-    layout = RunLayout(Path(cfg.run.output_dir)).make()
+    layout = claim_run_folder(cfg, info)
+    newest = newest_saved_config(layout) if cfg.checkpoint.resume else None
+    if newest is not None:  # refused before anything is overwritten; checked again against what resume loads
+        ckpt, saved = newest
+        refuse_config_change(cfg, saved, ckpt, warn=False)
     ds_config = build_ds_config(cfg, info.world_size)
     if needs_universal(layout, info.world_size, cfg.checkpoint.resume):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -53,6 +59,47 @@ def start_engine(cfg: Config, model: nn.Module, info, groups: list[dict] | None 
         write_ds_config(ds_config, layout.ds_config)
     engine, schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps, groups)
     return layout, engine, schedule, engine_dtype(engine)
+
+
+_CLAIMED: set[Path] = set()
+
+
+def claim_run_folder(cfg: Config, info) -> RunLayout:
+    """Make the run folder and hold it for this run: rank 0 takes its lock (every rank learns the verdict), then
+    with ``checkpoint.start_over`` an earlier run's outputs move to ``before-<time>/``. Once per process."""
+    layout = RunLayout(Path(cfg.run.output_dir)).make()
+    if layout.root.resolve() in _CLAIMED:
+        return layout
+    refusal = [lock_run_folder(layout) if info.rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ValueError(refusal[0])
+    if cfg.checkpoint.start_over and layout.previous_outputs():
+        if info.rank == 0:
+            log.warning("checkpoint.start_over: moved the earlier run's outputs to %s",
+                        layout.retire(time.strftime("%Y%m%d-%H%M%S")))
+        if dist.is_initialized():
+            dist.barrier()  # no rank writes here before the folder is empty
+    _CLAIMED.add(layout.root.resolve())
+    return layout
+
+
+def refuse_config_change(cfg: Config, saved: dict, where: Path, warn: bool = True) -> None:
+    """A resume must not silently change the run: fields outside SAFE_ON_RESUME and checkpoint.allow_changes
+    that differ from the checkpoint's config are refused, naming each with both values."""
+    changed = changed_fields(saved, cfg)
+    refused = [c for c in changed if c[0] not in cfg.checkpoint.allow_changes]
+    if refused:
+        names = ",".join(name for name, _, _ in refused)
+        raise ValueError(
+            f"{where} was saved with another config: "
+            + "; ".join(f"{name} {old!r} -> {new!r}" for name, old, new in refused)
+            + ". Resuming would change the run silently (a schedule that jumps, other data or targets). Put the "
+            f"values back, or allow the change with --allow-config-change {names} (checkpoint.allow_changes), or "
+            "start a new run: another run.output_dir, or checkpoint.resume=false checkpoint.start_over=true")
+    for name, old, new in changed if warn else ():
+        log.warning("resuming with %s changed from %r to %r (checkpoint.allow_changes)", name, old, new)
 
 
 def make_loader(dataset: Dataset, micro_batch: int, num_workers: int, seed: int, train: bool) -> DataLoader:
@@ -93,6 +140,7 @@ def resume_or_start(cfg: Config, layout: RunLayout, info, engine) -> tuple[Train
     state = TrainState()
     resumed = manager.resume(engine) if c.resume else None
     if resumed is not None:
+        refuse_config_change(cfg, resumed.config, layout.checkpoints / resumed.tag)
         saved = resumed.rank_state
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         state.restarts += 1

@@ -38,8 +38,8 @@ from beit_scale.data.mim import sample_seeds
 from beit_scale.engine.dist import init_distributed
 from beit_scale.engine.layer_decay import format_group_table, layer_decay_param_groups, param_names_per_group
 from beit_scale.models import build_classifier, get_spec, mim_to_classifier_state_dict
-from beit_scale.train.common import (checkpoint_payload, make_loader, seed_everything, skip_nonfinite_step,
-                                    start_engine, start_loop)
+from beit_scale.train.common import (checkpoint_payload, claim_run_folder, make_loader, seed_everything,
+                                    skip_nonfinite_step, start_engine, start_loop)
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def run(cfg: Config) -> dict:
     seed_everything(cfg.run.seed)
     f, d = cfg.finetune, cfg.data
     _, img_size = patch_grid(cfg)
-    layout = RunLayout(Path(cfg.run.output_dir)).make()
+    layout = claim_run_folder(cfg, info)
 
     base, indices, num_classes = train_images(cfg)
     model = build_classifier(get_spec(cfg.model.name), num_classes, img_size, cfg.model.drop_path,

@@ -7,22 +7,12 @@ import subprocess
 import pytest
 
 from beit_scale.checkpoint.files import committed_tags
-from beit_scale.data import export_fashion_mnist
-from beit_scale.tokenizers import DiscreteVAE, DVAEArch
 from tests.distributed.ranks import rank_env, run_ranks, torchrun
+from tests.distributed.tampering import Planted
 
 pytestmark = pytest.mark.distributed
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from beit_scale.checkpoint.tokenizer_file import save_tokenizer
-
-    root = tmp_path_factory.mktemp("resume_inputs")
-    model = DiscreteVAE(DVAEArch(vocab_size=16, input_size=32, downsample=4, hidden_dim=8, codebook_dim=8))
-    save_tokenizer(model, model.state_dict(), root / "tok.safetensors")
-    return export_fashion_mnist(root, "train", limit=72), root / "tok.safetensors"
+EXTEND = "checkpoint.allow_changes=[train.total_steps]"  # a relaunch that trains on past the finished run
 
 
 def command(inputs, out, stage, precision="fp32", *extra, nproc=2):
@@ -117,7 +107,8 @@ def test_damaged_checkpoint_is_named_on_every_rank_then_falls_back_or_fails(inpu
     data[len(data) // 2] ^= 0xFF  # same size, one byte altered
     shard.write_bytes(bytes(data))
     # on_damaged=fail: stops, naming the file and the reason on both ranks, instead of training from scratch.
-    failed = subprocess.run(command(inputs, tmp_path, 1, "fp32", "checkpoint.on_damaged=fail", "train.total_steps=8"),
+    failed = subprocess.run(command(inputs, tmp_path, 1, "fp32", "checkpoint.on_damaged=fail", "train.total_steps=8",
+                                    EXTEND),
                             env=rank_env(), capture_output=True, text=True, timeout=240)
     assert failed.returncode != 0
     for rank in (0, 1):
@@ -125,14 +116,14 @@ def test_damaged_checkpoint_is_named_on_every_rank_then_falls_back_or_fails(inpu
                f"cannot be resumed: {shard}: checksum differs from the manifest (altered)" in failed.stderr
     assert "step 7/8" not in failed.stderr
     # fallback (the default): resumes from step 4 and trains on to 8.
-    proc = run_ranks(command(inputs, tmp_path, 1, "fp32", "train.total_steps=8"), timeout=240)
+    proc = run_ranks(command(inputs, tmp_path, 1, "fp32", "train.total_steps=8", EXTEND), timeout=240)
     assert f"resumed from {tmp_path / 'checkpoints'}/step_000000004 at step 4" in proc.stderr
     assert "step 8/8 (100%)" in proc.stderr
     # Both damaged or gone: it refuses rather than starting from step 0.
     (tmp_path / "checkpoints" / "step_000000008" / "beit_rank00000.pt").write_bytes(b"")
     shard4 = tmp_path / "checkpoints" / "step_000000006" / "mp_rank_00_model_states.pt"
     shard4.write_bytes(shard4.read_bytes()[:100])
-    failed = subprocess.run(command(inputs, tmp_path, 1, "fp32", "train.total_steps=10"),
+    failed = subprocess.run(command(inputs, tmp_path, 1, "fp32", "train.total_steps=10", EXTEND),
                             env=rank_env(), capture_output=True, text=True, timeout=240)
     assert failed.returncode != 0 and "no checkpoint can be resumed" in failed.stderr
     assert "step 1/10" not in failed.stderr
@@ -165,25 +156,13 @@ def test_inspect_and_consolidate_a_sharded_checkpoint(inputs, tmp_path_factory, 
         consolidate(run, tmp_path / "again.safetensors")
 
 
-class _Planted:
-    """Unpickling this runs a shell command: what an attacker would plant in a checkpoint."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def _plant(path, marker, manifest_dir):
     """Replace ``path`` by a malicious pickle and rewrite the manifest to match, as an attacker could."""
     import torch
 
     from beit_scale.checkpoint.files import sha256
 
-    torch.save({"state": _Planted(marker)}, path)
+    torch.save({"state": Planted(marker)}, path)
     manifest = json.loads((manifest_dir / "manifest.json").read_text())
     manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": sha256(path)}
     (manifest_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -201,7 +180,7 @@ def test_planted_pickles_never_run_at_any_load_path(inputs, tmp_path_factory, tm
     step6, step4 = run / "checkpoints" / "step_000000006", run / "checkpoints" / "step_000000004"
     _plant(step6 / "beit_rank00001.pt", marker, step6)  # our per-rank state
     _plant(step4 / "mp_rank_00_model_states.pt", marker, step4)  # a DeepSpeed shard (DeepSpeed unpickles fully)
-    proc = subprocess.run(command(inputs, run, 1, "fp32", "train.total_steps=8"), env=rank_env(),
+    proc = subprocess.run(command(inputs, run, 1, "fp32", "train.total_steps=8", EXTEND), env=rank_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and "no checkpoint can be resumed" in proc.stderr
     assert f"{step6 / 'beit_rank00001.pt'}: refused by the weights-only unpickler" in proc.stderr
@@ -211,7 +190,7 @@ def test_planted_pickles_never_run_at_any_load_path(inputs, tmp_path_factory, tm
     tokenizer = tmp_path / "tokenizer.safetensors"  # a pickle posing as a tokenizer file
     import torch
 
-    torch.save({"state": _Planted(marker)}, tokenizer)
+    torch.save({"state": Planted(marker)}, tokenizer)
     with pytest.raises(ValueError, match="is not a safetensors tokenizer file"):
         read_tokenizer_arch(tokenizer)
     assert not marker.exists()  # no load path ran the planted code

@@ -184,6 +184,8 @@ def test_non_finite_and_negative_values_are_refused_when_read(override, message)
     ("run.output_dir=' '", r"run\.output_dir is empty"),
     ("train.preempt_signal=CHLD", r"train\.preempt_signal='CHLD' is not a signal a scheduler sends before preempting"),
     ("train.preempt_signal=SIGKILL", r"is not a signal a scheduler sends"),
+    ("checkpoint.allow_changes=[train.totl_steps]", r"names 'train\.totl_steps', which is not a config field; did you "
+                                                    r"mean train\.total_steps\?"),
 ])
 def test_out_of_range_values_fail_validation_naming_the_interval(data_root, tiny_tokenizer_file, override, message):
     cfg = _pretrain(data_root, tiny_tokenizer_file(112, 8), override)
