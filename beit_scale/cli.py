@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                             ("linprobe", "linear classifier on frozen features of one block")):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=True, help="shipped recipe name or YAML path")
+        s.add_argument("--allow-config-change", default="", metavar="FIELDS",
+                       help="comma-separated fields a resume may change, e.g. train.total_steps,optim.lr "
+                            "(checkpoint.allow_changes); any other change from the checkpoint's config is refused")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=100")
     q = sub.add_parser("quickstart", help="tokenizer + pretraining on Fashion-MNIST, on a built-in default",
                        description=_quickstart_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.pipeline import load_chain, submit
 
             for rec in submit(load_chain(args.chain), args.sbatch, args.dry_run):
-                detail = rec.get("job") or rec.get("output") or " ".join(rec.get("command", []))
+                detail = rec.get("job") or rec.get("output") or shlex.join(rec.get("command", []))
                 print(f"{rec['stage']}: {rec['status']} {detail}")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             images = [f"train_images={args.images}"] if args.images is not None else []
             quickstart.run(args.config, args.output_dir, args.data, [*args.overrides, *images])
         else:
-            cfg = load_job_config(args.command, args.config, args.overrides)
+            allow = [f"checkpoint.allow_changes=[{args.allow_config_change}]"] if args.allow_config_change else []
+            cfg = load_job_config(args.command, args.config, [*args.overrides, *allow])
             from beit_scale.train.control import PREEMPTED_EXIT, Preempted, catch_early
 
             catch_early(cfg.train.preempt_signal)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def load_chain(path_or_name: str) -> Chain:
             raise ValueError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(_STAGE_KEYS)}")
         if entry.get("job") not in SCRIPTS:
             raise ValueError(f"{where}: job {entry.get('job')!r} must be one of {', '.join(SCRIPTS)}")
-        name = str(entry.get("name") or entry["job"])
+        name = _job_name_part(str(entry.get("name") or entry["job"]), f"{where}: name")
         if name in outputs:
             raise ValueError(f"{where}: a stage named {name!r} comes earlier; stage names must be unique")
         stage = Stage(name, entry["job"], str(entry.get("config", "")),
@@ -130,18 +131,36 @@ def load_chain(path_or_name: str) -> Chain:
             if not stage.config:
                 raise ValueError(f"{where}: a {stage.job} stage needs a config (recipe name or YAML path)")
             cfg = load_config(stage.config, stage.overrides)  # unknown keys and bad values fail here
+            if Path(stage.config).is_file():  # a path from here; the job runs from the project root
+                stage.config = str(Path(stage.config).resolve())
             stage.output = _from_root(cfg.run.output_dir)
             outputs[name] = Path(cfg.run.output_dir)
         stages.append(stage)
-    return Chain(str(raw.get("name") or path.stem), stages, [str(s) for s in raw.get("sbatch", [])])
+    name = _job_name_part(str(raw.get("name") or path.stem), f"{path}: name")
+    return Chain(name, stages, [str(s) for s in raw.get("sbatch", [])])
+
+
+def _job_name_part(name: str, where: str) -> str:
+    """Chain and stage names make the Slurm job name that finds a queued stage again (``squeue -n`` splits a
+    comma into two names), so they are plain words."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ValueError(f"{where} {name!r} may hold only letters, digits and _ . + - (it becomes a Slurm job name)")
+    return name
 
 
 def _queued(job_name: str, env: dict) -> str | None:
-    """Id of a pending or running job of ours with this name, if any."""
-    out = subprocess.run(["squeue", "-h", "--me", "-n", job_name, "-t", "PENDING,RUNNING,REQUEUED", "-o", "%i"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    """Id of a pending or running job of ours with this name, if any (none where Slurm is not installed)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "--me", "-n", job_name, "-t", "PENDING,RUNNING,REQUEUED", "-o", "%i"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    except FileNotFoundError:
+        log.warning("squeue not found: cannot see which stages are already queued")
+        return None
+    if out.returncode != 0:
+        log.warning("squeue failed (%s): cannot see which stages are already queued", out.stderr.strip()[:200])
+        return None
     ids = out.stdout.split()
-    return ids[-1] if out.returncode == 0 and ids else None
+    return ids[-1] if ids else None
 
 
 def submit(chain: Chain, extra_sbatch: list[str] = (), dry_run: bool = False) -> list[dict]:
@@ -155,7 +174,7 @@ def submit(chain: Chain, extra_sbatch: list[str] = (), dry_run: bool = False) ->
             log.info("stage %s: done (%s), skipped", stage.name, stage.output)
             report.append({"stage": stage.name, "status": "done", "output": str(stage.output)})
             continue
-        running = None if dry_run else _queued(job_name, env)
+        running = _queued(job_name, env)  # a dry run shows what a real submission would do, queue included
         if running:
             log.info("stage %s: already queued or running as job %s", stage.name, running)
             report.append({"stage": stage.name, "status": "queued", "job": running})
@@ -166,13 +185,13 @@ def submit(chain: Chain, extra_sbatch: list[str] = (), dry_run: bool = False) ->
         cmd = ["sbatch", "--parsable", f"--job-name={job_name}", *dependency, *chain.sbatch, *stage.sbatch,
                *extra_sbatch, str(script), *stage.command()]
         if dry_run:
-            log.info("stage %s: would run %s", stage.name, " ".join(cmd))
+            log.info("stage %s: would run %s", stage.name, shlex.join(cmd))
             report.append({"stage": stage.name, "status": "dry-run", "command": cmd})
             previous = f"<{stage.name}>"
             continue
         proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"sbatch refused stage {stage.name}: {proc.stderr.strip()}\n  {' '.join(cmd)}")
+            raise RuntimeError(f"sbatch refused stage {stage.name}: {proc.stderr.strip()}\n  {shlex.join(cmd)}")
         previous = proc.stdout.strip().split(";")[0]
         log.info("stage %s: submitted job %s%s", stage.name, previous,
                  f" after {dependency[0].split(':', 1)[1]}" if dependency else "")

@@ -96,3 +96,21 @@ def test_a_failed_stage_cancels_the_stages_after_it(slurm_cluster, inputs, tmp_p
     assert states == ["FAILED", "CANCELLED", "CANCELLED"], states
     assert all(j["Reason"] == "DependencyNeverSatisfied" or j["RunTime"] == "00:00:00" for j in jobs[1:])
     assert not (tmp_path / "broken_pt" / "consolidated").exists() and not (tmp_path / "broken_ft").exists()
+
+
+def test_dry_run_sees_a_stage_already_queued_as_a_real_submission_does(slurm_cluster, tmp_path):
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump({"name": "dry", "stages": [
+        {"name": "tok", "job": "train-tokenizer", "config": "quickstart_tokenizer",
+         "overrides": [f"run.output_dir={tmp_path / 'tok'}"]}]}))
+    held = subprocess.run(["sbatch", "--parsable", "--hold", "--job-name=dry.tok", f"--output={tmp_path}/held.out",
+                           "--wrap", "sleep 1"], env=slurm_cluster.env, capture_output=True, text=True, timeout=30)
+    assert held.returncode == 0, held.stderr
+    job_id = held.stdout.strip().split(";")[0]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "beit_scale.cli", "pipeline", str(path), "--dry-run"], cwd=ROOT,
+                              env=job_env(slurm_cluster, {}), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert f"tok: queued {job_id}" in proc.stdout
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_cluster.env, timeout=30)

@@ -60,3 +60,36 @@ def test_bad_chains_fail_before_any_submission(tmp_path, stages, message):
 def test_an_unknown_chain_lists_the_shipped_ones():
     with pytest.raises(ValueError, match="shipped: large_pt22k"):
         load_chain("nope")
+
+
+@pytest.mark.parametrize("top, stage_name", [({"name": "a,b"}, "tok"), ({}, "tok,x"), ({}, "my stage")])
+def test_names_that_would_match_other_jobs_in_squeue_are_refused(tmp_path, top, stage_name):
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", **top, "stages": [
+        {"name": stage_name, "job": "train-tokenizer", "config": "quickstart_tokenizer"}]}))
+    with pytest.raises(ValueError, match=r"may hold only letters, digits and _ \. \+ - \(it becomes a Slurm job name\)"):
+        load_chain(str(path))
+
+
+def test_a_recipe_path_relative_to_here_reaches_the_job_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("base: quickstart_tokenizer\nrun:\n  output_dir: /tmp/x\n")
+    monkeypatch.chdir(tmp_path)  # the user's folder, not the project root the job runs from
+    c = load_chain(chain(tmp_path, [{"name": "tok", "job": "train-tokenizer", "config": "recipes/mine.yaml"}]))
+    assert c.stages[0].command()[:2] == ["--config", str(tmp_path / "recipes" / "mine.yaml")]
+
+
+def test_dry_run_prints_commands_a_shell_takes_back_unchanged(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.distributed.ranks import ROOT, rank_env
+
+    path = chain(tmp_path, [{"name": "tok", "job": "train-tokenizer", "config": "quickstart_tokenizer",
+                             "overrides": ["run.output_dir=/tmp/a b", "data.root=/data/it's here"]}])
+    proc = subprocess.run([sys.executable, "-m", "beit_scale.cli", "pipeline", path, "--dry-run"], cwd=ROOT,
+                          env=rank_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.split("tok: dry-run ", 1)[1].strip()
+    assert shlex.split(printed)[-3:] == ["quickstart_tokenizer", "run.output_dir=/tmp/a b", "data.root=/data/it's here"]
