@@ -11,7 +11,8 @@ Slurm would (the handler and the agreement are the real ones). ``hang@<step>[:<r
 with SIGSTOP after the step, as a wedged process or a lost node would look to its peers.
 
 ``BEIT_SCALE_FAULT=nan_loss@<step>[:<rank>]`` instead makes that rank's loss NaN at that optimizer step,
-once (its retry is clean), and ``nan_loss@<step>+`` at every step from there on.
+once (its retry is clean), and ``nan_loss@<step>+`` at every step from there on. ``nan_weights@<step>[:<rank>]``
+sets one weight of that rank to NaN after the step, as an overflow in the weights themselves would.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _armed(point: str, step: int, rank: int) -> bool:
         return False
     where, _, rest = spec.partition("@")
     at_step, _, at_rank = rest.partition(":")
-    if where in ("nan_loss", "signal", "hang"):
+    if where in ("nan_loss", "nan_weights", "signal", "hang"):
         return where == point and int(at_step) == step and int(at_rank or 0) == rank
     if where not in POINTS:
         raise ValueError(f"BEIT_SCALE_FAULT={spec!r}: point must be one of {', '.join(POINTS)}")
@@ -54,6 +55,21 @@ def poison(loss, step: int, rank: int):
 
 
 _POISONED: set[int] = set()
+
+
+def maybe_poison_weights(module, step: int, rank: int) -> None:
+    """Set the first element of this rank's first non-empty parameter to NaN where ``nan_weights`` says so."""
+    if not _armed("nan_weights", step, rank):
+        return
+    import torch
+
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+        if t.numel():
+            with torch.no_grad():
+                t.view(-1)[0] = float("nan")
+            log.warning("fault hook: a weight of rank %d set to NaN after step %d", rank, step)
+            return
 
 
 def maybe_kill(point: str, step: int, rank: int, cut: Path | None = None) -> None:

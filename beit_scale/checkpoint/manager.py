@@ -7,6 +7,7 @@ A checkpoint without a manifest is incomplete and never loaded.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -75,18 +76,29 @@ class CheckpointManager:
         tag = tag_of(step)
         ckpt = self.root / tag
         faults.maybe_kill("before_files", step, self.rank)
+        self._refuse_nonfinite(engine, step)
+        need = self._last_size()
         if self.rank == 0 and ckpt.exists():  # an incomplete attempt at this step from a killed run
             shutil.rmtree(ckpt)
         _barrier()
-        # Universal-checkpoint info lets ds_to_universal convert ZeRO-2 saves later (resume on other world sizes).
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
-                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-        path = rank_state_file(ckpt, self.rank)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(rank_state, tmp)
-        tmp.replace(path)
-        if self.rank == 0:
-            atomic_write_text(meta_file(ckpt), json.dumps({**self.meta, "step": step}, indent=2))
+        try:
+            # Universal-checkpoint info lets ds_to_universal convert ZeRO-2 saves later (other world sizes).
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+                                   client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+            path = rank_state_file(ckpt, self.rank)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(rank_state, tmp)
+            tmp.replace(path)
+            if self.rank == 0:
+                atomic_write_text(meta_file(ckpt), json.dumps({**self.meta, "step": step}, indent=2))
+            error = None
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError "unexpected pos"
+            error = self._write_error(ckpt, err, need)
+        errors = [e for e in _all_gather(error) if e]  # every rank learns it (and waits for the others' files)
+        if errors:
+            if self.rank == 0:
+                shutil.rmtree(ckpt, ignore_errors=True)  # give the space back; it never had a manifest
+            raise CheckpointError("; ".join(dict.fromkeys(errors)))
         faults.maybe_kill("mid_file", step, self.rank, cut=path)
         faults.maybe_kill("after_shards", step, self.rank)
         _barrier()
@@ -104,6 +116,41 @@ class CheckpointManager:
         log.info("saved checkpoint %s (%d files, %.1f MB) in %.1fs", ckpt, len(entries),
                  sum(e["size"] for e in entries.values()) / 1e6, time.perf_counter() - start)
         return ckpt
+
+    def _refuse_nonfinite(self, engine, step: int) -> None:
+        """Non-finite weights are never committed: the newest checkpoint must be one worth resuming."""
+        local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's partition
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = torch.stack(checks).all().to(torch.int32) if checks else torch.ones((), dtype=torch.int32,
+                                                                                     device=local[0].device)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            committed = committed_tags(self.root)
+            raise CheckpointError(f"the weights after step {step} are not finite; no checkpoint of them is written. "
+                                  f"The last committed checkpoint is "
+                                  f"{self.root / committed[0] if committed else 'none'}; lower optim.lr or check "
+                                  "the data, then relaunch from it")
+
+    def _last_size(self) -> int | None:
+        """Bytes of the newest committed checkpoint: what the next one will need, about."""
+        for tag in committed_tags(self.root):
+            try:
+                return sum(e["size"] for e in read_manifest(self.root / tag)["files"].values())
+            except (ManifestError, TypeError):
+                continue
+        return None
+
+    def _write_error(self, ckpt: Path, err: Exception, need: int | None) -> str:
+        """A message for a failed write: a full file system says so, with the space there is and needed."""
+        free = shutil.disk_usage(self.root).free
+        full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < max(need or 0, 1 << 20)
+        if not full:
+            raise err
+        needed = f"; a checkpoint of this run takes about {need / 1e6:.1f} MB" if need else ""
+        return (f"rank {self.rank}: the file system of {self.root} is full while writing {ckpt.name} "
+                f"({free / 1e6:.1f} MB free{needed}). Free space there or move run.output_dir, then relaunch: "
+                "the committed checkpoints are intact")
 
     def _prune(self, newest: int) -> None:
         """Keep ``newest`` (just committed) and the ``keep_last - 1`` committed checkpoints before it.

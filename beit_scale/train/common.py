@@ -175,6 +175,7 @@ class Loop:
         self.heartbeat.beat(step)
         faults.maybe_kill("after_step", step, self.rank)
         faults.maybe_signal(step, self.rank, self.stop.signum)
+        faults.maybe_poison_weights(engine.module, step, self.rank)
         payload = payload or (lambda: checkpoint_payload(self.state))
         ckpt = self.checkpoints.save(engine, step, payload()) if self.checkpoints.due(step, total) else None
         if step == total:  # the final evaluation and export are not steps: no stall verdict on them

@@ -2,6 +2,7 @@
 recipe: planted files, a new run on an old folder, a changed config, a second run, lost manifests, flipped
 bytes and stray folders. Each relaunch is the real CLI; a run that is refused writes nothing."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -177,3 +178,33 @@ def test_stray_folders_beside_the_checkpoints_are_ignored_with_a_warning(inputs,
     assert committed_tags(run / "checkpoints") == ["step_000000006"]
     assert {"step_000000004.bak", "step_old", "step_000000009.bak"} <= {p.name for p in (run / "checkpoints").iterdir()}
     assert sha256(run / "checkpoints" / "step_000000004.bak" / "manifest.json")  # left as it was
+
+
+def test_non_finite_weights_are_never_committed(inputs, tmp_path):
+    proc = launch(inputs, tmp_path / "run", env=rank_env(BEIT_SCALE_FAULT="nan_weights@2"))
+    assert proc.returncode == 3
+    assert (f"the weights after step 2 are not finite; no checkpoint of them is written. The last committed "
+            f"checkpoint is {ckpt(tmp_path / 'run', 1)}") in proc.stderr
+    assert committed_tags(tmp_path / "run" / "checkpoints") == ["step_000000001"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 10 MB file system: room for one checkpoint of the tiny run (7.3 MB) and its logs, not two."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(disk)], check=True, timeout=30)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True, timeout=30)
+
+
+def test_a_full_disk_during_a_save_is_a_message_and_keeps_the_last_checkpoint(inputs, small_disk):
+    out = small_disk / "run"
+    proc = launch(inputs, out, "checkpoint.keep_last=1")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert f"the file system of {out / 'checkpoints'} is full while writing step_000000002 (" in proc.stderr
+    assert "a checkpoint of this run takes about 7" in proc.stderr and "Traceback" not in proc.stderr
+    assert committed_tags(out / "checkpoints") == ["step_000000001"]
+    assert not ckpt(out, 2).exists()  # its partial files are gone, the space given back
