@@ -10,11 +10,15 @@ same bad file always maps to the same substitute in every worker and every proce
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torchvision
 from PIL import Image
+from torchvision.datasets.folder import has_file_allowed_extension
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,8 @@ def load_rgb(path: str) -> Image.Image:
         path: Image file path.
 
     Returns:
-        The decoded RGB image (grayscale, palette and alpha images are converted).
+        The decoded RGB image (grayscale, palette and alpha images are converted; 16-bit images keep their
+        top 8 bits).
 
     Raises:
         OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError: The file is unreadable.
@@ -44,7 +49,19 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-        return img.convert("RGB")
+    if img.mode.startswith("I;16"):  # 16-bit: convert("RGB") would clip every value above 255 to white
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"{img.mode}-mode (32-bit) image has no agreed 8-bit range; store it with 8 or 16 bits")
+    return img.convert("RGB")
+
+
+def _special(path: str) -> bool:
+    """True for a FIFO, socket or device; a broken link stays a sample (unreadable, replaced as any other)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
@@ -104,6 +121,50 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
             logger.warning("%d class folders under %s hold no images: %s", len(empty), root, empty[:10])
         self.max_consecutive_failures = max_consecutive_failures
         self.bad_paths: set[str] = set()
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's listing, in the same order, made safe for folders nobody curated: a folder reached a
+        second time through links (a cycle, or two class folders that are one) is read once instead of
+        multiplying its images, and entries that are not regular files (a FIFO named x.jpg would block a
+        loader forever) are left out. Everything left out is logged."""
+        def key(folder: str) -> tuple[int, int]:
+            st = os.stat(folder)
+            return st.st_dev, st.st_ino
+
+        targets = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
+        targets = {name: path for name, path in targets.items() if os.path.isdir(path)}
+        seen = {key(path) for path in targets.values()}  # a link into another class folder never relabels it
+        repeated, special, other = [], [], []
+        instances = []
+        for name, target in targets.items():
+            walked = []
+            for root, dirs, fnames in os.walk(target, followlinks=True):
+                if root != target:
+                    if key(root) in seen:
+                        dirs[:] = []
+                        repeated.append(root)
+                        continue
+                    seen.add(key(root))
+                walked.append((root, fnames))
+            for root, fnames in sorted(walked):
+                for fname in sorted(fnames):
+                    path = os.path.join(root, fname)
+                    valid = is_valid_file(path) if is_valid_file else has_file_allowed_extension(fname, extensions)
+                    if not valid:
+                        other.append(path)
+                    elif _special(path):
+                        special.append(path)
+                    else:
+                        instances.append((path, class_to_idx[name]))
+        for what, paths in (("folders reached again through links (read once)", repeated),
+                            ("entries that are not regular files (FIFOs, sockets, devices)", special),
+                            ("files without an image extension", other)):
+            if paths:
+                logger.warning("%s: left out %d %s, e.g. %s", directory, len(paths), what, paths[:3])
+        return instances
 
     def _mark_bad(self, path: str, err: BaseException) -> None:
         self.bad_paths.add(path)

@@ -371,3 +371,60 @@ def test_export_fashion_mnist_missing_source_gives_apt_hint(tmp_path):
         export_fashion_mnist(tmp_path / "out", split="train", limit=5, source_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="split"):
         export_fashion_mnist(tmp_path / "out", split="val", source_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- folders nobody curated
+
+
+def _png(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path)
+
+
+def test_listing_keeps_torchvisions_order_on_a_nested_folder(tmp_path):
+    import torchvision
+
+    for rel in ("b/x.png", "a/z.png", "a/sub/y.png", "a/sub-2/w.png", "a/sub/deeper/v.png", "a/B.PNG"):
+        _png(tmp_path / rel)
+    assert SafeImageFolder(tmp_path).samples == torchvision.datasets.ImageFolder(str(tmp_path)).samples
+
+
+def test_link_cycles_and_aliases_neither_multiply_nor_relabel_images(tmp_path, caplog):
+    _png(tmp_path / "a" / "x.png")
+    _png(tmp_path / "b" / "y.png")
+    (tmp_path / "a" / "loop").symlink_to("..")  # a cycle through the root: torchvision lists x.png 41 times
+    (tmp_path / "b" / "alias").symlink_to("../a")  # a's images would also be labelled b
+    with caplog.at_level(logging.WARNING):
+        ds = SafeImageFolder(tmp_path)
+    assert ds.samples == [(str(tmp_path / "a" / "x.png"), 0), (str(tmp_path / "b" / "y.png"), 1)]
+    assert "left out 3 folders reached again through links (read once)" in caplog.text
+
+
+def test_a_fifo_named_like_an_image_is_left_out_instead_of_blocking_a_loader(tmp_path, caplog):
+    import os
+
+    _png(tmp_path / "a" / "x.png")
+    os.mkfifo(tmp_path / "a" / "y.png")  # opening it would wait for a writer forever
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        ds = SafeImageFolder(tmp_path)
+    assert [p for p, _ in ds.samples] == [str(tmp_path / "a" / "x.png")] and ds[0][0].size == (8, 8)
+    assert "left out 1 entries that are not regular files (FIFOs, sockets, devices)" in caplog.text
+    assert "left out 1 files without an image extension" in caplog.text
+
+
+def test_16_bit_images_keep_their_top_8_bits_instead_of_clipping_to_white(tmp_path):
+    pixels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # up to 63000
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "deep.png")
+    img, _ = SafeImageFolder(tmp_path)[0]
+    assert np.array_equal(np.asarray(img)[..., 0], (pixels >> 8).astype(np.uint8))
+
+
+def test_32_bit_images_are_reported_not_guessed(tmp_path, caplog):
+    _png(tmp_path / "a" / "ok.png", 7)
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)).save(tmp_path / "a" / "wide.tiff")
+    with caplog.at_level(logging.WARNING):
+        img, _ = SafeImageFolder(tmp_path)[1]  # wide.tiff sorts after ok.png: replaced by the next readable
+    assert np.asarray(img)[0, 0, 0] == 7
+    assert "wide.tiff (ValueError: I-mode (32-bit) image has no agreed 8-bit range" in caplog.text
