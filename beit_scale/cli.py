@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.checkpoint import RunLayout
             from beit_scale.train.control import heartbeat_report
 
+            if not Path(args.run_dir).is_dir():
+                raise ValueError(f"{args.run_dir} is not a run folder (run.output_dir; `beit-scale run-dir --config "
+                                 "RECIPE ...` prints it)")
             print(heartbeat_report(RunLayout(Path(args.run_dir)).heartbeats()))
         elif args.command == "consolidate":
             from beit_scale.checkpoint.tools import consolidate

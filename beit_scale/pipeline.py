@@ -100,7 +100,12 @@ def load_chain(path_or_name: str) -> Chain:
     if not path.is_file():
         shipped = sorted(p.stem for p in (PROJECT_ROOT / "beit_scale" / "recipes" / "chains").glob("*.yaml"))
         raise ValueError(f"chain {path_or_name!r}: no such file or shipped chain (shipped: {', '.join(shipped)})")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a YAML chain: {' '.join(str(err).split())[:200]}") from None
+    if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.get("stages") or []):
+        raise ValueError(f"{path} is not a chain: a YAML mapping with name, sbatch and stages (a list of mappings)")
     unknown = set(raw) - {"name", "stages", "sbatch"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a chain has name, sbatch and stages")

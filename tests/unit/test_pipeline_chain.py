@@ -93,3 +93,11 @@ def test_dry_run_prints_commands_a_shell_takes_back_unchanged(tmp_path):
     assert proc.returncode == 0, proc.stderr
     printed = proc.stdout.split("tok: dry-run ", 1)[1].strip()
     assert shlex.split(printed)[-3:] == ["quickstart_tokenizer", "run.output_dir=/tmp/a b", "data.root=/data/it's here"]
+
+
+@pytest.mark.parametrize("text", ["root:x:0:0:root:/root:/bin/bash\n", "stages: [a, b]\n", "stages: [\n", "- 1\n"])
+def test_a_file_that_is_not_a_chain_is_a_message(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"is not a (YAML )?chain"):
+        load_chain(str(path))

@@ -100,3 +100,10 @@ def test_a_signal_during_start_up_is_kept_for_the_loop(monkeypatch):
         stop.close()
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_heartbeat_of_a_folder_that_is_not_there_is_a_message(tmp_path, capsys):
+    from beit_scale.cli import main
+
+    assert main(["heartbeat", str(tmp_path / "typo")]) == 2
+    assert "typo is not a run folder" in capsys.readouterr().err
