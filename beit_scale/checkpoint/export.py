@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -155,7 +156,10 @@ def _img_size_of(sd: dict[str, torch.Tensor], patch_size: int) -> int:
     if not tables:
         raise ValueError("the source has no relative position tables; it is not a BEiT state dict of this zoo")
     table = tables[0]
-    side = round((table.shape[0] - 3) ** 0.5)
+    side = math.isqrt(max(table.shape[0] - 3, 0))
+    if table.ndim != 2 or side < 1 or side * side != table.shape[0] - 3 or side % 2 == 0:
+        raise ValueError(f"the source's relative position table has shape {tuple(table.shape)}; a BEiT table is "
+                         "((2w-1)^2 + 3, heads) for a w x w patch grid: the file is damaged or not a BEiT state dict")
     return (side + 1) // 2 * patch_size
 
 

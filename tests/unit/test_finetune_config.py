@@ -181,6 +181,15 @@ def test_classifier_state_dicts_export_to_timm_strictly_at_their_resolution(name
         check_loads_in_timm(sd, timm_name, 10, img_size)
 
 
+@pytest.mark.parametrize("shape", [(2,), (684,), (100, 3), (228,)])
+def test_export_of_a_relative_position_table_of_the_wrong_shape_is_a_message(shape):
+    mim = BeitMIM(ZOO["beit_tiny_patch4_32"], vocab_size=16)
+    sd = mim.state_dict()
+    sd["rel_pos_bias.relative_position_bias_table"] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"relative position table has shape|a relative position table is"):
+        timm_state_dict(sd, "beit_tiny_patch4_32")
+
+
 def test_the_posterize_cap_is_needed_and_enough():
     """timm at magnitude 10 posterizes to 0 bits, which Pillow rejects; the mmax9 cap avoids it."""
     import numpy as np
