@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     r = sub.add_parser("run-dir", help="print the run folder (run.output_dir) a recipe with overrides writes to")
     r.add_argument("--config", required=True, help="shipped recipe name or YAML path")
+    # A job's command line passes through unchanged (launch/slurm/run.sh asks where a failed job wrote).
+    r.add_argument("--allow-config-change", default="", help=argparse.SUPPRESS)
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.output_dir=runs/x")
     h = sub.add_parser("heartbeat", help="each rank's last finished step and sign of life (why did a job stop?)")
     h.add_argument("run_dir", help="the run's output folder")

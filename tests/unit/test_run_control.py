@@ -107,3 +107,11 @@ def test_heartbeat_of_a_folder_that_is_not_there_is_a_message(tmp_path, capsys):
 
     assert main(["heartbeat", str(tmp_path / "typo")]) == 2
     assert "typo is not a run folder" in capsys.readouterr().err
+
+
+def test_run_dir_takes_a_jobs_command_line_as_the_slurm_script_passes_it(capsys):
+    from beit_scale.cli import main
+
+    assert main(["run-dir", "--config", "quickstart_pretrain", "run.output_dir=/x/y", "--allow-config-change",
+                 "train.total_steps"]) == 0
+    assert capsys.readouterr().out.strip() == "/x/y"
