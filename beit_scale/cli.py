@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shlex
@@ -12,8 +11,6 @@ from pathlib import Path
 from beit_scale.logs import setup_logging
 
 log = logging.getLogger("beit_scale")
-
-JOBS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "linprobe"}
 
 
 def _quickstart_description() -> str:
@@ -84,11 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 def load_job_config(command: str, recipe: str, overrides: list[str]):
     """Load the recipe for ``command`` and validate it for the launcher's world size."""
     from beit_scale.checks import validate
-    from beit_scale.config import load_config
+    from beit_scale.config import check_job, load_config
     from beit_scale.engine.dist import launched_world_size
 
     cfg = load_config(recipe, overrides)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, job=JOBS[command]))
+    check_job(command, cfg.run.job, recipe)  # never rewritten: a linprobe recipe under `finetune` is refused
     validate(cfg, launched_world_size())
     return cfg
 

@@ -346,6 +346,17 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise TypeError(f"config field {name} has unsupported type {tp}")  # internal: extend _coerce
 
 
+# The command that runs each kind of recipe (run.job).
+COMMANDS = {"pretrain": "pretrain", "tokenizer": "train-tokenizer", "finetune": "finetune", "linprobe": "linprobe"}
+
+
+def check_job(command: str, job: str, recipe: str) -> None:
+    """A recipe runs under its own command only: a linear-probe recipe under `finetune` would fine-tune."""
+    if COMMANDS.get(job) != command:
+        raise ValueError(f"recipe {recipe!r} is a {job} recipe (run.job={job}); run it with `beit-scale "
+                         f"{COMMANDS.get(job, job)}`, or use a {command} recipe")
+
+
 # What a resume may change without being asked: logging, checkpoint and watchdog cadence, data loading, and how
 # the global batch is split (a resume on another number of ranks). Everything else defines the run.
 SAFE_ON_RESUME = frozenset({

@@ -38,11 +38,11 @@ from pathlib import Path
 import yaml
 
 from beit_scale.checkpoint import RunLayout
-from beit_scale.config import PROJECT_ROOT, load_config, resolve_project_path
+from beit_scale.config import PROJECT_ROOT, check_job, load_config, resolve_project_path
 
 log = logging.getLogger(__name__)
 
-SCRIPTS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "finetune",
+SCRIPTS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "linprobe",
            "consolidate": "consolidate"}
 _STAGE_KEYS = {"name", "job", "config", "overrides", "args", "sbatch"}
 
@@ -136,6 +136,7 @@ def load_chain(path_or_name: str) -> Chain:
             if not stage.config:
                 raise ValueError(f"{where}: a {stage.job} stage needs a config (recipe name or YAML path)")
             cfg = load_config(stage.config, stage.overrides)  # unknown keys and bad values fail here
+            check_job(stage.job, cfg.run.job, stage.config)
             if Path(stage.config).is_file():  # a path from here; the job runs from the project root
                 stage.config = str(Path(stage.config).resolve())
             stage.output = _from_root(cfg.run.output_dir)

@@ -101,3 +101,22 @@ def test_a_file_that_is_not_a_chain_is_a_message(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match=r"is not a (YAML )?chain"):
         load_chain(str(path))
+
+
+def test_a_linprobe_stage_runs_the_linprobe_script_and_a_recipe_of_another_job_is_refused(tmp_path):
+    c = load_chain(chain(tmp_path, [{"name": "probe", "job": "linprobe", "config": "linprobe_quickstart"}]))
+    command = submit(c, dry_run=True)[0]["command"]
+    assert command[-3:] == [str(PROJECT_ROOT / "launch" / "linprobe.sbatch"), "--config", "linprobe_quickstart"]
+    with pytest.raises(ValueError, match=r"'linprobe_quickstart' is a linprobe recipe \(run\.job=linprobe\); run it "
+                                         r"with `beit-scale linprobe`"):
+        load_chain(chain(tmp_path, [{"name": "probe", "job": "finetune", "config": "linprobe_quickstart"}]))
+
+
+@pytest.mark.parametrize("command, recipe, job", [("finetune", "linprobe_quickstart", "linprobe"),
+                                                  ("pretrain", "quickstart_tokenizer", "tokenizer"),
+                                                  ("train-tokenizer", "quickstart_pretrain", "pretrain")])
+def test_a_recipe_under_another_command_is_refused_never_rewritten(command, recipe, job):
+    from beit_scale.cli import load_job_config
+
+    with pytest.raises(ValueError, match=rf"is a {job} recipe \(run\.job={job}\)"):
+        load_job_config(command, recipe, [])
