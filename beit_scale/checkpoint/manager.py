@@ -77,7 +77,6 @@ class CheckpointManager:
         ckpt = self.root / tag
         faults.maybe_kill("before_files", step, self.rank)
         self._refuse_nonfinite(engine, step)
-        need = self._last_size()
         if self.rank == 0 and ckpt.exists():  # an incomplete attempt at this step from a killed run
             shutil.rmtree(ckpt)
         _barrier()
@@ -93,7 +92,7 @@ class CheckpointManager:
                 atomic_write_text(meta_file(ckpt), json.dumps({**self.meta, "step": step}, indent=2))
             error = None
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError "unexpected pos"
-            error = self._write_error(ckpt, err, need)
+            error = self._write_error(ckpt, err)
         errors = [e for e in _all_gather(error) if e]  # every rank learns it (and waits for the others' files)
         if errors:
             if self.rank == 0:
@@ -141,9 +140,9 @@ class CheckpointManager:
                 continue
         return None
 
-    def _write_error(self, ckpt: Path, err: Exception, need: int | None) -> str:
+    def _write_error(self, ckpt: Path, err: Exception) -> str:
         """A message for a failed write: a full file system says so, with the space there is and needed."""
-        free = shutil.disk_usage(self.root).free
+        free, need = shutil.disk_usage(self.root).free, self._last_size()
         full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < max(need or 0, 1 << 20)
         if not full:
             raise err

@@ -168,6 +168,7 @@ def test_stray_folders_beside_the_checkpoints_are_ignored_with_a_warning(inputs,
     from beit_scale.checkpoint.tools import inspect
 
     shutil.copytree(ckpt(run, 4), run / "checkpoints" / "step_000000004.bak")  # a user's backup, manifest and all
+    backup = {p.name: sha256(p) for p in (run / "checkpoints" / "step_000000004.bak").iterdir()}
     (run / "checkpoints" / "step_old").mkdir()
     (run / "checkpoints" / "step_000000009.bak").write_text("x")
     assert inspect(run)["complete"]
@@ -177,7 +178,7 @@ def test_stray_folders_beside_the_checkpoints_are_ignored_with_a_warning(inputs,
     assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
     assert committed_tags(run / "checkpoints") == ["step_000000006"]
     assert {"step_000000004.bak", "step_old", "step_000000009.bak"} <= {p.name for p in (run / "checkpoints").iterdir()}
-    assert sha256(run / "checkpoints" / "step_000000004.bak" / "manifest.json")  # left as it was
+    assert {p.name: sha256(p) for p in (run / "checkpoints" / "step_000000004.bak").iterdir()} == backup  # untouched
 
 
 def test_non_finite_weights_are_never_committed(inputs, tmp_path):
