@@ -28,8 +28,7 @@ from safetensors.torch import load_file
 
 from beit_scale.checkpoint.files import meta_file, rank_state_file, read_manifest, tag_of
 from beit_scale.checkpoint.layout import RunLayout
-from beit_scale.checkpoint.safety import UnsafeCheckpointError, check_unpickle_safe
-from beit_scale.checkpoint.tools import inspect, resolve_checkpoint
+from beit_scale.checkpoint.tools import consolidated_state, resolve_checkpoint
 from beit_scale.checkpoint.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ MIM_FORMAT = "beit_scale.mim.v1"  # written by `beit-scale pretrain`
 CLASSIFIER_FORMAT = "beit_scale.classifier.v1"  # written by `beit-scale finetune`
 PROBE_FORMAT = "beit_scale.linprobe.v1"  # written by `beit-scale linprobe` (norm and head only)
 TIMM_FORMAT = "timm"  # written by `beit-scale export`
-_STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module file when nothing is partitioned
 
 
 @dataclass(frozen=True)
@@ -98,24 +96,7 @@ def load_source(source: WeightsSource) -> dict[str, torch.Tensor]:
     """The fp32 state dict of a source (see the module docstring); collective-free, call it on one rank."""
     if source.kind == "weights":
         return {k: v.float() for k, v in load_file(str(source.path)).items()}
-    ckpt = source.path
-    report = inspect(ckpt)
-    if not report["complete"]:
-        raise ValueError(f"checkpoint {ckpt} is not complete: {'; '.join(report['problems'])}")
-    unsafe = check_unpickle_safe(sorted(ckpt.glob("*.pt")))
-    if unsafe:
-        raise UnsafeCheckpointError(f"checkpoint {ckpt} not loaded: {'; '.join(unsafe)}")
-    if source.zero_stage == 0:  # no ZeRO partitions: the module is in DeepSpeed's model file
-        from beit_scale.checkpoint.safety import _deepspeed_allowlist
-
-        with torch.serialization.safe_globals(_deepspeed_allowlist()):
-            state = torch.load(ckpt / _STAGE0_MODEL_FILE, map_location="cpu", weights_only=True)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    log.info("consolidated %d tensors from checkpoint %s (ZeRO %s)", len(state), ckpt, source.zero_stage)
-    return {k: v.float().contiguous() for k, v in state.items()}
+    return consolidated_state(source.path)
 
 
 def init_weights_file(layout: RunLayout) -> Path:
