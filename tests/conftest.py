@@ -1,5 +1,6 @@
 """Shared fixtures: small, made by the tests."""
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -16,3 +17,12 @@ def tiny_tokenizer_file(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add OpenMP barriers (seconds on a busy 2-CPU machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,11 +3,12 @@ from beit_scale.models.classifier import build_classifier, classifier_kwargs
 from beit_scale.models.convert import (from_timm_state_dict, mim_to_classifier_state_dict, mim_to_timm_backbone,
                                        to_timm_state_dict)
 from beit_scale.models.mim import BeitMIM, backbone_param_count, masked_positions
+from beit_scale.models.probe import LinearProbe
 from beit_scale.models.zoo import ZOO, BeitSpec, get_spec
 
 __all__ = ["ZOO", "BeitSpec", "BeitMIM", "backbone_param_count", "get_spec", "build_mim_model", "masked_positions",
            "build_classifier", "classifier_kwargs", "from_timm_state_dict", "mim_to_classifier_state_dict",
-           "mim_to_timm_backbone", "to_timm_state_dict"]
+           "mim_to_timm_backbone", "to_timm_state_dict", "LinearProbe"]
 
 
 def build_mim_model(cfg, vocab_size: int) -> BeitMIM:

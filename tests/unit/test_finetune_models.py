@@ -24,16 +24,8 @@ TINY = ZOO["beit_tiny_patch4_32"]  # width 96, 4 blocks, 3 heads, 8x8 window at 
 TINY_TIMM = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
 MIM_ONLY = ["mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"]
 # torch deprecation notices raised inside timm's table interpolation; nothing to act on here
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:timm.layers.interpolate")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP barriers (seconds on a busy 2-CPU machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:timm.layers.interpolate"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
