@@ -8,7 +8,6 @@ have seen.
 
 from __future__ import annotations
 
-import random
 from typing import Any, Callable
 
 import numpy as np
@@ -16,35 +15,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from beit_scale.data.seeding import sample_seeds, seeded_sample
+
 MaskGenerator = Callable[[np.random.Generator], np.ndarray]
 TwoView = Callable[[Any], tuple[Tensor, Tensor]]
-
-# Spawn key of the child seed sequence that seeds torch, so the torch stream is independent of the
-# numpy mask stream that `default_rng([seed, epoch, index])` derives from the same triple.
-_TORCH_STREAM = 1
 
 
 def _check_non_negative_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name}={value!r} must be a non-negative integer")
-
-
-def sample_seeds(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, int]:
-    """Derive the random state of one sample.
-
-    Args:
-        seed: Run seed.
-        epoch: Epoch number.
-        index: Dataset index.
-
-    Returns:
-        ``(mask_rng, torch_seed)``: ``numpy.random.default_rng([seed, epoch, index])`` for the mask generator
-        and a 64-bit seed for torch (and Python's `random`) drawn from an independent child stream.
-    """
-    mask_rng = np.random.default_rng([seed, epoch, index])
-    child = np.random.SeedSequence([seed, epoch, index], spawn_key=(_TORCH_STREAM,))
-    torch_seed = int(child.generate_state(1, dtype=np.uint64)[0])
-    return mask_rng, torch_seed
 
 
 class MIMDataset(Dataset):
@@ -59,8 +38,8 @@ class MIMDataset(Dataset):
     - ``index``: the requested index (negative indices counted from the end).
     - ``label``: the class index from `base` (unused by pretraining, handy for probes).
 
-    The transform runs under ``torch.random.fork_rng`` with torch (and Python's `random`, which some timm
-    transforms use) seeded from ``(seed, epoch, index)``; the global RNG state is restored afterwards.
+    The transform runs with torch, numpy and Python's ``random`` seeded from ``(seed, epoch, index)``
+    (:func:`~beit_scale.data.seeding.seeded_sample`); the global RNG states are restored afterwards.
 
     Args:
         base: Dataset returning ``(PIL image, label)``, e.g. `SafeImageFolder` without a transform.
@@ -102,16 +81,10 @@ class MIMDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         index = int(index) % n
         img, label = self.base[index]
-        mask_rng, torch_seed = sample_seeds(self.seed, self.epoch, index)
+        mask_rng, sample_seed = sample_seeds(self.seed, self.epoch, index)
 
-        py_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch_seed)
-                random.seed(torch_seed)
-                image, tokenizer_view = self.transform(img)
-        finally:
-            random.setstate(py_state)
+        with seeded_sample(sample_seed):
+            image, tokenizer_view = self.transform(img)
 
         sample: dict[str, Any] = {
             "image": image,  # (3, img_size, img_size)

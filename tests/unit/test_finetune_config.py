@@ -6,7 +6,7 @@ from beit_scale.checks import validate
 from beit_scale.checkpoint.export import check_loads_in_timm, describe_source, timm_state_dict
 from beit_scale.config import list_recipes, load_config
 from beit_scale.models import ZOO, BeitMIM, build_classifier
-from beit_scale.train.finetune import class_balanced_subset, eval_shard
+from beit_scale.data import class_balanced_subset, eval_shard
 
 FINETUNE_RECIPES = [r for r in list_recipes() if r.startswith(("finetune_", "linprobe_"))]
 SIZES = ("base", "large", "giant")
