@@ -7,20 +7,10 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from beit_scale.adapters import patch_grid, tokenizer_arch_kwargs
 from beit_scale.config import Config, to_dict
+from beit_scale.jobs import JOBS
 from beit_scale.models.zoo import get_spec
-
-
-def patch_grid(cfg: Config) -> tuple[int, int]:
-    """(tokens per side, image px) of the patch view after checking that the patch size divides it."""
-    spec = get_spec(cfg.model.name)
-    img = cfg.model.img_size or spec.img_size
-    if img % spec.patch_size:
-        raise ValueError(
-            f"model.img_size={img} is not divisible by the patch size {spec.patch_size} of {cfg.model.name}; "
-            f"use a multiple of {spec.patch_size}, e.g. {img - img % spec.patch_size or spec.patch_size}"
-        )
-    return img // spec.patch_size, img
 
 
 # Each field's own interval, on top of what every number gets when the config is read (finite; integers >= 0).
@@ -122,13 +112,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.engine.zero_stage is not None and cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     grid, img = patch_grid(cfg)
-    if cfg.run.job == "pretrain":
-        _check_masking(cfg, grid)
-        _check_tokenizer_file(cfg, grid, img)
-    elif cfg.run.job in ("finetune", "linprobe"):
-        _check_finetune(cfg)
-    else:
-        _check_tokenizer_arch(cfg, grid, img)
+    _BY_KIND[JOBS[cfg.run.job].kind](cfg, grid, img)
 
 
 def _check_batch(cfg: Config, world_size: int) -> None:
@@ -174,6 +158,11 @@ def _check_masking(cfg: Config, grid: int) -> None:
         raise ValueError(f"masking.min_block_patches={m.min_block_patches} must be in [1, masking.num_masked={m.num_masked}]")
 
 
+def _check_pretrain(cfg: Config, grid: int, img: int) -> None:
+    _check_masking(cfg, grid)
+    _check_tokenizer_file(cfg, grid, img)
+
+
 def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
     from beit_scale.checkpoint.tokenizer_file import read_tokenizer_arch
     from beit_scale.tokenizers import check_token_grid
@@ -189,12 +178,6 @@ def _check_tokenizer_arch(cfg: Config, grid: int, img: int) -> None:
 
     DVAEArch(**tokenizer_arch_kwargs(cfg))  # validates itself
     check_token_grid(cfg.tokenizer.input_size, cfg.tokenizer.downsample, img, get_spec(cfg.model.name).patch_size)
-
-
-def tokenizer_arch_kwargs(cfg: Config) -> dict:
-    t = cfg.tokenizer
-    return dict(vocab_size=t.vocab_size, input_size=t.input_size, downsample=t.downsample,
-                hidden_dim=t.hidden_dim, codebook_dim=t.codebook_dim, num_res_blocks=t.num_res_blocks)
 
 
 def _class_folders(root: str) -> list[str]:
@@ -217,9 +200,9 @@ def _check_posterize(policy: str) -> None:
                          f"{policy}-mmax9")
 
 
-def _check_finetune(cfg: Config) -> None:
-    """`finetune` and `linprobe`: ranges, the augmentation a linear probe must not use, classes, the source."""
-    f, job = cfg.finetune, cfg.run.job
+def _check_finetune(cfg: Config, grid: int = 0, img: int = 0) -> None:
+    """Fine-tuning and linear probing: ranges, EMA, classes, the weights to start from."""
+    f = cfg.finetune
     for name in ("train_fraction", "crop_pct"):
         if not 0 < getattr(f, name) <= 1:
             raise ValueError(f"finetune.{name}={getattr(f, name)} must be in (0, 1]")
@@ -257,17 +240,6 @@ def _check_finetune(cfg: Config) -> None:
             raise ValueError("finetune.ema_decay needs engine.zero_stage <= 2: at ZeRO-3 each rank holds only a slice "
                              "of the weights, so an EMA would gather the whole model every step; set "
                              "finetune.ema_decay=0 or engine.zero_stage=2")
-    if job == "linprobe":
-        depth = get_spec(cfg.model.name).depth
-        if not 0 <= f.probe_block <= depth:
-            raise ValueError(f"finetune.probe_block={f.probe_block} must be in [1, {depth}] blocks of {cfg.model.name} "
-                             "(0 = the last)")
-        used = [f"finetune.{n}={getattr(f, n)!r}" for n, off in (("mixup", 0.0), ("cutmix", 0.0), ("re_prob", 0.0),
-                                                                ("auto_augment", ""), ("ema_decay", 0.0),
-                                                                ("layer_decay", 1.0)) if getattr(f, n) != off]
-        if used:
-            raise ValueError(f"a linear probe trains one layer on frozen features without heavy augmentation: "
-                             f"{', '.join(used)} must be left at 0 ('' for auto_augment, 1 for layer_decay)")
     classes = _class_folders(cfg.data.root)
     if f.num_classes and f.num_classes != len(classes):
         raise ValueError(f"finetune.num_classes={f.num_classes} but data.root={cfg.data.root!r} has {len(classes)} "
@@ -282,3 +254,23 @@ def _check_finetune(cfg: Config) -> None:
         if source.model and source.model != cfg.model.name:
             raise ValueError(f"finetune.init_from={f.init_from!r} was trained as {source.model} but "
                              f"model.name={cfg.model.name}; set model.name={source.model}")
+
+
+def _check_probe(cfg: Config, grid: int, img: int) -> None:
+    """A linear probe: the fine-tuning checks, a block to probe, and none of the augmentation it must not use."""
+    _check_finetune(cfg)
+    f = cfg.finetune
+    depth = get_spec(cfg.model.name).depth
+    if not 0 <= f.probe_block <= depth:
+        raise ValueError(f"finetune.probe_block={f.probe_block} must be in [1, {depth}] blocks of {cfg.model.name} "
+                         "(0 = the last)")
+    used = [f"finetune.{n}={getattr(f, n)!r}" for n, off in (("mixup", 0.0), ("cutmix", 0.0), ("re_prob", 0.0),
+                                                            ("auto_augment", ""), ("ema_decay", 0.0),
+                                                            ("layer_decay", 1.0)) if getattr(f, n) != off]
+    if used:
+        raise ValueError(f"a linear probe trains one layer on frozen features without heavy augmentation: "
+                         f"{', '.join(used)} must be left at 0 ('' for auto_augment, 1 for layer_decay)")
+
+
+_BY_KIND = {"mim": _check_pretrain, "tokenizer": _check_tokenizer_arch, "finetune": _check_finetune,
+            "probe": _check_probe}

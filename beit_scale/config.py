@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from beit_scale.jobs import JOB_NAMES
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = PACKAGE_DIR / "recipes"
 QUICKSTART_DIR = RECIPE_DIR / "quickstart"  # what `beit-scale quickstart` runs, not a job's recipe
@@ -26,7 +28,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent  # a checkout's root (launch/, benchmarks/); s
 
 @dataclass(frozen=True)
 class RunConfig:
-    job: Literal["pretrain", "tokenizer", "finetune", "linprobe"] = "pretrain"  # which training loop reads this recipe
+    job: Literal[JOB_NAMES] = "pretrain"  # which job reads this recipe (beit_scale/jobs.py)
     name: str = "run"  # tag of the run, e.g. pt22k
     output_dir: str = "runs/default"  # folder for config, logs, TensorBoard, checkpoints and summary
     seed: int = 0  # seeds weights, data order, augmentation and masks
@@ -344,17 +346,6 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ValueError(f"{name}={value!r} must be a string")
         return str(value)
     raise TypeError(f"config field {name} has unsupported type {tp}")  # internal: extend _coerce
-
-
-# The command that runs each kind of recipe (run.job).
-COMMANDS = {"pretrain": "pretrain", "tokenizer": "train-tokenizer", "finetune": "finetune", "linprobe": "linprobe"}
-
-
-def check_job(command: str, job: str, recipe: str) -> None:
-    """A recipe runs under its own command only: a linear-probe recipe under `finetune` would fine-tune."""
-    if COMMANDS.get(job) != command:
-        raise ValueError(f"recipe {recipe!r} is a {job} recipe (run.job={job}); run it with `beit-scale "
-                         f"{COMMANDS.get(job, job)}`, or use a {command} recipe")
 
 
 # What a resume may change without being asked: logging, checkpoint and watchdog cadence, data loading, and how

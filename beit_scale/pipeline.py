@@ -38,12 +38,11 @@ from pathlib import Path
 import yaml
 
 from beit_scale.checkpoint import RunLayout
-from beit_scale.config import PROJECT_ROOT, check_job, load_config, resolve_project_path
+from beit_scale.config import PROJECT_ROOT, load_config, resolve_project_path
+from beit_scale.jobs import CONSOLIDATE, STAGE_SCRIPTS, job_for
 
 log = logging.getLogger(__name__)
 
-SCRIPTS = {"pretrain": "pretrain", "train-tokenizer": "tokenizer", "finetune": "finetune", "linprobe": "linprobe",
-           "consolidate": "consolidate"}
 _STAGE_KEYS = {"name", "job", "config", "overrides", "args", "sbatch"}
 
 
@@ -59,13 +58,13 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        if self.job == "consolidate":
+        if self.job == CONSOLIDATE:
             return self.output.is_file()
         return RunLayout(self.output).summary.is_file()
 
     def command(self) -> list[str]:
         """The launch script's arguments after its name."""
-        if self.job == "consolidate":
+        if self.job == CONSOLIDATE:
             return self.args
         return ["--config", self.config, *self.overrides]
 
@@ -118,8 +117,8 @@ def load_chain(path_or_name: str) -> Chain:
         bad = set(entry) - _STAGE_KEYS
         if bad:
             raise ValueError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(_STAGE_KEYS)}")
-        if entry.get("job") not in SCRIPTS:
-            raise ValueError(f"{where}: job {entry.get('job')!r} must be one of {', '.join(SCRIPTS)}")
+        if entry.get("job") not in STAGE_SCRIPTS:
+            raise ValueError(f"{where}: job {entry.get('job')!r} must be one of {', '.join(STAGE_SCRIPTS)}")
         name = _job_name_part(str(entry.get("name") or entry["job"]), f"{where}: name")
         if name in outputs:
             raise ValueError(f"{where}: a stage named {name!r} comes earlier; stage names must be unique")
@@ -127,7 +126,7 @@ def load_chain(path_or_name: str) -> Chain:
                       [_fill(str(o), outputs, where) for o in entry.get("overrides", [])],
                       [_fill(str(a), outputs, where) for a in entry.get("args", [])],
                       [str(s) for s in entry.get("sbatch", [])])
-        if stage.job == "consolidate":
+        if stage.job == CONSOLIDATE:
             if len(stage.args) != 2:
                 raise ValueError(f"{where}: a consolidate stage takes args [CHECKPOINT_OR_RUN, OUT.safetensors]")
             stage.output = _from_root(stage.args[1])
@@ -136,7 +135,7 @@ def load_chain(path_or_name: str) -> Chain:
             if not stage.config:
                 raise ValueError(f"{where}: a {stage.job} stage needs a config (recipe name or YAML path)")
             cfg = load_config(stage.config, stage.overrides)  # unknown keys and bad values fail here
-            check_job(stage.job, cfg.run.job, stage.config)
+            job_for(stage.job, cfg.run.job, stage.config)
             if Path(stage.config).is_file():  # a path from here; the job runs from the project root
                 stage.config = str(Path(stage.config).resolve())
             stage.output = _from_root(cfg.run.output_dir)
@@ -186,7 +185,7 @@ def submit(chain: Chain, extra_sbatch: list[str] = (), dry_run: bool = False) ->
             report.append({"stage": stage.name, "status": "queued", "job": running})
             previous = running
             continue
-        script = PROJECT_ROOT / "launch" / f"{SCRIPTS[stage.job]}.sbatch"
+        script = PROJECT_ROOT / "launch" / f"{STAGE_SCRIPTS[stage.job]}.sbatch"
         dependency = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         cmd = ["sbatch", "--parsable", f"--job-name={job_name}", *dependency, *chain.sbatch, *stage.sbatch,
                *extra_sbatch, str(script), *stage.command()]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from beit_scale.jobs import JOBS
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/*.sbatch"), ROOT / "tests/slurm/cluster.sh",
                   ROOT / ".ci/run"])
@@ -25,9 +27,9 @@ def test_script_passes_shellcheck(script):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("job", ["pretrain", "tokenizer", "finetune"])
-def test_sbatch_scripts_request_requeue_and_a_signal_the_ranks_receive(job):
-    text = (ROOT / "launch" / f"{job}.sbatch").read_text()
+@pytest.mark.parametrize("script", sorted({job.script for job in JOBS.values()}))
+def test_sbatch_scripts_request_requeue_and_a_signal_the_ranks_receive(script):
+    text = (ROOT / "launch" / f"{script}.sbatch").read_text()
     for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR2@180"):
         assert line in text  # no B: in --signal, so srun's tasks (the ranks) get USR2, not the batch shell
     assert "--config" not in text.split("set -euo pipefail")[1]  # hyperparameters stay in the recipe
