@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.files import (MANIFEST, ManifestError, atomic_write_text, check_files, committed_tags,
                                          is_tag, meta_file, payload_files, rank_state_file, read_manifest, sha256,
                                          step_of, strangers, tag_of)
 from beit_scale.checkpoint.layout import RunLayout
 from beit_scale.checkpoint.reshape import GroupSettings, convert, unpartitioned
 from beit_scale.checkpoint.safety import check_unpickle_safe
+from beit_scale.faults import NoFaults
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,14 @@ class CheckpointManager:
     """Owns ``<output_dir>/checkpoints``; every method is collective (all ranks call it)."""
 
     def __init__(self, layout: RunLayout, every_steps: int, keep_last: int, on_damaged: str, rank: int, world: int,
-                 meta: dict, universal: bool = False):
+                 meta: dict, universal: bool = False, faults: NoFaults = NoFaults()):
         """``universal``: the engine was built with ``load_universal`` (see :func:`reshape.needs_universal`),
-        so checkpoints load through a universal conversion, whatever world size saved them."""
+        so checkpoints load through a universal conversion, whatever world size saved them. ``faults``: the
+        run's test hooks (:mod:`beit_scale.faults`)."""
         self.root, self.layout = layout.checkpoints, layout
         self.every_steps, self.keep_last, self.on_damaged = every_steps, keep_last, on_damaged
         self.rank, self.world, self.meta, self.universal = rank, world, meta, universal
+        self.faults = faults
 
     # ------------------------------------------------------------------------------------------------ save
 
@@ -75,7 +77,7 @@ class CheckpointManager:
         start = time.perf_counter()
         tag = tag_of(step)
         ckpt = self.root / tag
-        faults.maybe_kill("before_files", step, self.rank)
+        self.faults.kill("before_files", step, self.rank)
         self._refuse_nonfinite(engine, step)
         if self.rank == 0 and ckpt.exists():  # an incomplete attempt at this step from a killed run
             shutil.rmtree(ckpt)
@@ -98,8 +100,8 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(ckpt, ignore_errors=True)  # give the space back; it never had a manifest
             raise CheckpointError("; ".join(dict.fromkeys(errors)))
-        faults.maybe_kill("mid_file", step, self.rank, cut=path)
-        faults.maybe_kill("after_shards", step, self.rank)
+        self.faults.kill("mid_file", step, self.rank, cut=path)
+        self.faults.kill("after_shards", step, self.rank)
         _barrier()
         files = payload_files(ckpt)
         mine = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256(p)}
@@ -108,7 +110,7 @@ class CheckpointManager:
         if self.rank == 0:
             manifest = {"tag": tag, "step": step, "world_size": self.world, "files": entries}
             atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
-            faults.maybe_kill("after_manifest", step, self.rank)
+            self.faults.kill("after_manifest", step, self.rank)
             atomic_write_text(self.layout.latest, tag + "\n")
             self._prune(step)
         _barrier()
