@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from beit_scale.jobs import BY_COMMAND, JOBS, job_for
 from beit_scale.logs import setup_logging
 
 log = logging.getLogger("beit_scale")
@@ -24,11 +25,8 @@ def _quickstart_description() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beit-scale", description="BEiT pretraining at cluster scale on DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("pretrain", "masked image modeling (stage 2)"),
-                            ("train-tokenizer", "train the dVAE image tokenizer (stage 1)"),
-                            ("finetune", "image classification from pretrained weights, layer-wise lr decay"),
-                            ("linprobe", "linear classifier on frozen features of one block")):
-        s = sub.add_parser(name, help=help_text)
+    for job in JOBS.values():
+        s = sub.add_parser(job.command, help=job.help)
         s.add_argument("--config", required=True, help="shipped recipe name or YAML path")
         s.add_argument("--allow-config-change", default="", metavar="FIELDS",
                        help="comma-separated fields a resume may change, e.g. train.total_steps,optim.lr "
@@ -81,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
 def load_job_config(command: str, recipe: str, overrides: list[str]):
     """Load the recipe for ``command`` and validate it for the launcher's world size."""
     from beit_scale.checks import validate
-    from beit_scale.config import check_job, load_config
+    from beit_scale.config import load_config
     from beit_scale.engine.dist import launched_world_size
 
     cfg = load_config(recipe, overrides)
-    check_job(command, cfg.run.job, recipe)  # never rewritten: a linprobe recipe under `finetune` is refused
+    job_for(command, cfg.run.job, recipe)  # never rewritten: a linprobe recipe under `finetune` is refused
     validate(cfg, launched_world_size())
     return cfg
 
@@ -159,16 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             from beit_scale.train.control import PREEMPTED_EXIT, Preempted, catch_early
 
             catch_early(cfg.train.preempt_signal)
-            if args.command == "pretrain":
-                from beit_scale.train import pretrain as job
-            elif args.command == "finetune":
-                from beit_scale.train import finetune as job
-            elif args.command == "linprobe":
-                from beit_scale.train import linprobe as job
-            else:
-                from beit_scale.train import tokenizer as job
             try:
-                job.run(cfg)
+                BY_COMMAND[args.command].run(cfg)
             except Preempted as err:
                 log.info("%s: exiting with %d (requeue)", err, PREEMPTED_EXIT)
                 return PREEMPTED_EXIT
@@ -177,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         from beit_scale.checkpoint.manager import CheckpointError
-        from beit_scale.train.common import NonFiniteError
+        from beit_scale.train.driver import NonFiniteError
 
         if not isinstance(err, (CheckpointError, NonFiniteError)):
             raise

@@ -62,6 +62,13 @@ def engine_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
+def backward_step(engine, loss: torch.Tensor) -> bool:
+    """Backward of one micro batch's loss, then :func:`guarded_step`; True when an optimizer step was applied
+    (or the accumulation boundary is still ahead)."""
+    engine.backward(loss)
+    return guarded_step(engine)
+
+
 def guarded_step(engine) -> bool:
     """``engine.step()``; False when the optimizer step was skipped for a non-finite gradient.
 

@@ -1,29 +1,24 @@
 """Stage 2: masked image modeling. The tokenizer labels masked patches; BEiT predicts them."""
 from __future__ import annotations
 
-import json
 import logging
-from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from beit_scale.checkpoint import faults
+from beit_scale.adapters import patch_grid
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.checkpoint.weights import save_weights
-from beit_scale.checks import patch_grid
 from beit_scale.config import Config
-from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
-from beit_scale.engine.core import guarded_step
-from beit_scale.engine.dist import init_distributed
+from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform, make_loader
+from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, masked_positions
 from beit_scale.tokenizers import codebook_stats
-from beit_scale.train.common import (make_loader, seed_everything, skip_nonfinite_step,
-                                    start_engine, start_loop)
+from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_mask_grid
 
 log = logging.getLogger(__name__)
@@ -38,100 +33,87 @@ def to_device(batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, t
             masked_idx.to(device, non_blocking=True))
 
 
-class StepResult(NamedTuple):
+class MIMOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, on the device
-    accuracy: torch.Tensor  # masked-token accuracy of the micro batch
+    hits: torch.Tensor  # (n_masked,) bool: the predicted token is the target
     targets: torch.Tensor  # (n_masked,) visual tokens
-    applied: bool  # False when the optimizer step was skipped for a non-finite loss or gradient
 
 
-def pretrain_step(engine, tokenizer, batch: dict, device, dtype, loss_hook=None) -> StepResult:
-    """One micro step: label masked patches with the tokenizer, predict them, backward, step."""
+def mim_forward(model, tokenizer, batch: dict, device, dtype) -> MIMOutput:
+    """BEiT's objective on one micro batch: label the masked patches with the tokenizer, predict them."""
     images, views, mask, masked_idx = to_device(batch, device, dtype)
     with torch.no_grad():
         targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)  # (n_masked,)
-    logits = engine(images, mask, masked_idx)  # (n_masked, vocab)
+    logits = model(images, mask, masked_idx)  # (n_masked, vocab)
     loss = F.cross_entropy(logits.float(), targets)
-    if loss_hook is not None:
-        loss = loss_hook(loss)
-    engine.backward(loss)
-    applied = guarded_step(engine)
-    return StepResult(loss.detach(), (logits.argmax(-1) == targets).float().mean(), targets, applied)
+    return MIMOutput(loss, logits.argmax(-1) == targets, targets)
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    targets: torch.Tensor
+    applied: bool  # False when the optimizer step was skipped for a non-finite loss or gradient
+
+
+def pretrain_step(engine, tokenizer, batch: dict, device, dtype) -> StepResult:
+    """One micro step outside the driver (benchmarks, reference tests): MIM loss, backward, step."""
+    out = mim_forward(engine, tokenizer, batch, device, dtype)
+    return StepResult(out.loss.detach(), out.hits.float().mean(), out.targets, backward_step(engine, out.loss))
+
+
+class Pretrain(Task):
+    """Masked image modeling on the driver: one MIM loss per micro batch, token statistics, held-out accuracy."""
+
+    def build(self, run: Run):
+        cfg = run.cfg
+        self.grid, self.img_size = patch_grid(cfg)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path).to(run.device)
+        m = cfg.masking
+        self.mask_gen = build_mask_generator(m.kind, (self.grid, self.grid), m.num_masked, m.min_block_patches,
+                                             m.min_aspect)
+        self.token_counts = torch.zeros(self.tokenizer.vocab_size, dtype=torch.long, device=run.device)
+        self.model = build_mim_model(cfg.model, self.tokenizer.vocab_size)
+        return self.model, None
+
+    def describe(self, run: Run) -> str:
+        return (f"pretraining {run.cfg.model.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                f"parameters); tokenizer {run.cfg.tokenizer.path} (vocab {self.tokenizer.vocab_size})")
+
+    def train_set(self, run: Run) -> MIMDataset:
+        d, tok = run.cfg.data, self.tokenizer
+        transform = TwoViewTransform(self.img_size, tok.input_size, scale=d.crop_scale, hflip=d.hflip,
+                                     color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+                                     tokenizer_pixel_map=tok.map_pixels)
+        return MIMDataset(SafeImageFolder(d.root), transform, self.mask_gen, run.cfg.run.seed)
+
+    def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
+        if step == 0 and run.rank == 0:
+            save_mask_grid(batch, run.cfg.data.mean, run.cfg.data.std, run.layout.images / "masks.png", run.writer)
+        out = mim_forward(run.engine, self.tokenizer, batch, run.device, run.dtype)
+        return MicroStep(out.loss, {"mask_acc": out.hits.float().mean()}, out.targets)
+
+    def step_done(self, run: Run, step: int, kept: list) -> None:
+        for targets in kept:
+            self.token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
+
+    def finish(self, run: Run, last: dict) -> dict:
+        weights = full_state_dict(run.engine)
+        if run.rank == 0:
+            save_weights(weights, run.layout.model, {"format": "beit_scale.mim.v1", "model": run.cfg.model.name})
+            log.info("wrote %s", run.layout.model)
+        summary = {"train_masked_token_accuracy": last.get("mask_acc", float("nan"))}
+        if run.cfg.data.val_root:
+            summary.update(evaluate(run, self.tokenizer, self.mask_gen, self.img_size))
+        if dist.is_initialized():
+            dist.all_reduce(self.token_counts)
+        usage, perplexity = codebook_stats_from_counts(self.token_counts)
+        return {**summary, "target_codebook_usage": usage, "target_perplexity": perplexity}
 
 
 def run(cfg: Config) -> dict:
     """Pretrain per ``cfg``; returns the summary that rank 0 also writes to ``summary.json``."""
-    info = init_distributed()
-    seed_everything(cfg.run.seed)
-    grid, img_size = patch_grid(cfg)
-
-    tokenizer = load_tokenizer(cfg.tokenizer.path).to(info.device)
-    model = build_mim_model(cfg.model, tokenizer.vocab_size)
-    layout, engine, schedule, dtype = start_engine(cfg, model, info)
-    log.info("pretraining %s (%.2fM parameters) on %d rank(s), %s, ZeRO %d; tokenizer %s (vocab %d)",
-             cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, dtype,
-             engine.zero_optimization_stage(), cfg.tokenizer.path, tokenizer.vocab_size)
-
-    mask_gen = build_mask_generator(cfg.masking.kind, (grid, grid), cfg.masking.num_masked,
-                                    cfg.masking.min_block_patches, cfg.masking.min_aspect)
-    d = cfg.data
-    transform = TwoViewTransform(img_size, tokenizer.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                 color_jitter=d.color_jitter, mean=d.mean, std=d.std,
-                                 tokenizer_pixel_map=tokenizer.map_pixels)
-    train_set = MIMDataset(SafeImageFolder(d.root), transform, mask_gen, cfg.run.seed)
-    loader = make_loader(train_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    loop = start_loop(cfg, layout, info, engine, loader)
-    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
-                                            loop.trace)
-    token_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
-    last = {"loss": float("nan"), "mask_acc": float("nan")}
-
-    engine.train()
-    while state.step < cfg.train.total_steps:
-        step = state.step
-        schedule.apply(step)
-        results = []
-        for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
-            trace.add(step + 1, batch["index"])
-            if step == 0 and info.rank == 0:
-                save_mask_grid(batch, d.mean, d.std, layout.images / "masks.png", writer)
-            results.append(pretrain_step(engine, tokenizer, batch, info.device, dtype,
-                                         partial(faults.poison, step=step + 1, rank=info.rank)))
-        if not results[-1].applied:  # DeepSpeed decides at the boundary, the same on every rank
-            skip_nonfinite_step(state, cfg, layout)
-            continue
-        for r in results:
-            token_counts.scatter_add_(0, r.targets, torch.ones_like(r.targets))  # bincount would sync
-            meter.add(loss=r.loss, mask_acc=r.accuracy)
-        state.consecutive_skips = 0
-        state.step = step + 1
-        meter.step_done()
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
-            norm = engine.get_global_grad_norm()
-            last = meter.flush(step, lr=engine.optimizer.param_groups[0]["lr"],
-                               grad_norm=float("nan") if norm is None else float(norm))
-        loop.end_step(engine)
-
-    images_per_second = meter.images_per_second
-    weights = full_state_dict(engine)
-    if info.rank == 0:
-        save_weights(weights, layout.model, {"format": "beit_scale.mim.v1", "model": cfg.model.name})
-    summary = {"final_loss": last["loss"], "train_masked_token_accuracy": last["mask_acc"],
-               "images_per_second": images_per_second, "steps": cfg.train.total_steps,
-               "world_size": info.world_size, "restarts": state.restarts, "skipped_steps": state.skipped_steps}
-    if d.val_root:
-        summary.update(evaluate(engine, tokenizer, cfg, mask_gen, img_size, info, dtype))
-    if dist.is_initialized():
-        dist.all_reduce(token_counts)
-    usage, perplexity = codebook_stats_from_counts(token_counts)
-    summary.update(target_codebook_usage=usage, target_perplexity=perplexity)
-    if info.rank == 0:
-        layout.summary.write_text(json.dumps(summary, indent=2))
-        log.info("summary: %s", json.dumps(summary))
-        log.info("wrote %s and %s", layout.summary, layout.model)
-    loop.close()
-    return summary
+    return drive(cfg, Pretrain())
 
 
 def codebook_stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
@@ -142,27 +124,25 @@ def codebook_stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(engine, tokenizer, cfg: Config, mask_gen, img_size: int, info, dtype) -> dict:
+def evaluate(run: Run, tokenizer, mask_gen, img_size: int) -> dict:
     """Masked-token accuracy on held-out images, beside always guessing the held-out's most frequent token."""
-    d = cfg.data
+    cfg, d = run.cfg, run.cfg.data
     transform = EvalTwoView(img_size, tokenizer.input_size, mean=d.mean, std=d.std,
                             tokenizer_pixel_map=tokenizer.map_pixels)
     val_set = MIMDataset(SafeImageFolder(d.val_root), transform, mask_gen, cfg.run.seed + 1)
     loader = make_loader(val_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=False)
-    correct = torch.zeros((), dtype=torch.long, device=info.device)
+    correct = torch.zeros((), dtype=torch.long, device=run.device)
     total = torch.zeros_like(correct)
-    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=info.device)
-    engine.eval()
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=run.device)
+    run.engine.eval()
     for i, batch in enumerate(loader):
         if i == cfg.train.eval_batches:  # every rank has the same number of batches (padded sampler)
             break
-        images, views, mask, masked_idx = to_device(batch, info.device, dtype)
-        targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)
-        logits = engine(images, mask, masked_idx)
-        correct += (logits.argmax(-1) == targets).sum()
-        total += targets.numel()
-        counts.scatter_add_(0, targets, torch.ones_like(targets))
-    engine.train()
+        out = mim_forward(run.engine, tokenizer, batch, run.device, run.dtype)
+        correct += out.hits.sum()
+        total += out.targets.numel()
+        counts.scatter_add_(0, out.targets, torch.ones_like(out.targets))
+    run.engine.train()
     stats = torch.stack([correct, total])
     if dist.is_initialized():
         dist.all_reduce(stats)
@@ -171,3 +151,4 @@ def evaluate(engine, tokenizer, cfg: Config, mask_gen, img_size: int, info, dtyp
     return {"masked_token_accuracy": correct_n / total_n,
             "majority_token_accuracy": counts.max().item() / total_n,
             "eval_masked_tokens": total_n}
+

@@ -1,97 +1,79 @@
-"""Stage 1: train the discrete VAE tokenizer (Gumbel-softmax, uniform prior) on the same engine code."""
+"""Stage 1: train the discrete VAE tokenizer (Gumbel-softmax, uniform prior) on the same driver."""
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
-import torch.distributed as dist
 
+from beit_scale.adapters import tokenizer_arch_kwargs
 from beit_scale.checkpoint import RunLayout
-from beit_scale.checkpoint import faults
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
-from beit_scale.checks import tokenizer_arch_kwargs
 from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
-from beit_scale.engine.core import guarded_step
-from beit_scale.engine.dist import init_distributed
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
-from beit_scale.train.common import (make_loader, seed_everything, skip_nonfinite_step,
-                                    start_engine, start_loop)
+from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_reconstructions
 
 log = logging.getLogger(__name__)
 
 
+class TrainTokenizer(Task):
+    """The dVAE on the driver: Gumbel temperature annealed per step, codebook statistics, reconstructions."""
+
+    def build(self, run: Run):
+        self.model = DiscreteVAE(DVAEArch(**tokenizer_arch_kwargs(run.cfg)))
+        self.anneal_steps = max(1, round(run.cfg.tokenizer.anneal_fraction * run.cfg.train.total_steps))
+        return self.model, None
+
+    def describe(self, run: Run) -> str:
+        t, m = run.cfg.tokenizer, self.model
+        return (f"training a dVAE tokenizer (vocab {t.vocab_size}, {t.input_size} px, {m.grid_size}x{m.grid_size} "
+                f"tokens, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters)")
+
+    def train_set(self, run: Run) -> MIMDataset:
+        d, t = run.cfg.data, run.cfg.tokenizer
+        # The tokenizer reads only its own view; the patch view is made at the same size and ignored.
+        transform = TwoViewTransform(t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
+                                     color_jitter=d.color_jitter, tokenizer_pixel_map=self.model.map_pixels)
+        return MIMDataset(SafeImageFolder(d.root), transform, None, run.cfg.run.seed)
+
+    def begin_step(self, run: Run, step: int) -> None:
+        t = run.cfg.tokenizer
+        self.temperature = gumbel_temperature(step, self.anneal_steps, t.temperature_start, t.temperature_end)
+
+    def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
+        views = batch["tokenizer_view"].to(run.device, run.dtype, non_blocking=True)
+        out = run.engine(views, self.temperature, run.cfg.tokenizer.kl_weight)
+        return MicroStep(out.loss, {"recon_loss": out.recon_loss, "kl": out.kl}, (out.logits, views))
+
+    def step_done(self, run: Run, step: int, kept: list) -> None:
+        self.logits, self.views = kept[-1]
+
+    def log_values(self, run: Run) -> dict[str, float]:
+        usage, perplexity = codebook_stats(self.logits.argmax(1).flatten(), run.cfg.tokenizer.vocab_size)
+        return {"temperature": self.temperature, "codebook_usage": float(usage), "perplexity": float(perplexity)}
+
+    def after_step(self, run: Run, step: int) -> None:
+        every = run.cfg.tokenizer.recon_every
+        if every and step % every == 0:
+            _write_reconstructions(run.engine, run.layout, self.views, run.writer, step, run.rank)
+
+    def finish(self, run: Run, last: dict) -> dict:
+        weights = full_state_dict(run.engine)  # collective under ZeRO-3
+        if run.rank != 0:
+            return {}  # the driver gives every rank rank 0's summary
+        save_tokenizer(self.model, weights, run.layout.tokenizer)
+        # Evaluate the file we wrote, so the numbers describe what pretraining will load.
+        summary = evaluate_tokenizer(load_tokenizer(run.layout.tokenizer), run.cfg, run.layout, run.writer)
+        log.info("wrote %s (point a pretraining recipe at it with tokenizer.path=%s)", run.layout.tokenizer,
+                 run.layout.tokenizer)
+        return summary
+
+
 def run(cfg: Config) -> dict:
     """Train a tokenizer per ``cfg``; writes ``tokenizer.safetensors``, reconstructions and ``summary.json``."""
-    info = init_distributed()
-    seed_everything(cfg.run.seed)
-    t = cfg.tokenizer
-    model = DiscreteVAE(DVAEArch(**tokenizer_arch_kwargs(cfg)))
-    layout, engine, schedule, dtype = start_engine(cfg, model, info)
-    log.info("training a dVAE tokenizer (vocab %d, %d px, %dx%d tokens, %.2fM parameters) on %d rank(s), %s",
-             t.vocab_size, t.input_size, model.grid_size, model.grid_size,
-             sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, dtype)
-
-    d = cfg.data
-    # The tokenizer reads only its own view; the patch view is made at the same size and ignored.
-    transform = TwoViewTransform(t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                 color_jitter=d.color_jitter, tokenizer_pixel_map=model.map_pixels)
-    loader = make_loader(MIMDataset(SafeImageFolder(d.root), transform, None, cfg.run.seed),
-                         cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=True)
-    loop = start_loop(cfg, layout, info, engine, loader)
-    state, batches, writer, meter, trace = (loop.state, loop.batches, loop.writer, loop.meter,
-                                            loop.trace)
-    anneal_steps = max(1, round(t.anneal_fraction * cfg.train.total_steps))
-
-    engine.train()
-    while state.step < cfg.train.total_steps:
-        step = state.step
-        schedule.apply(step)
-        temperature = gumbel_temperature(step, anneal_steps, t.temperature_start, t.temperature_end)
-        outs = []
-        for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
-            trace.add(step + 1, batch["index"])
-            views = batch["tokenizer_view"].to(info.device, dtype, non_blocking=True)
-            out = engine(views, temperature, t.kl_weight)
-            engine.backward(faults.poison(out.loss, step + 1, info.rank))
-            applied = guarded_step(engine)
-            outs.append(out)
-        if not applied:  # DeepSpeed decides at the boundary, the same on every rank
-            skip_nonfinite_step(state, cfg, layout)
-            continue
-        for out in outs:
-            meter.add(loss=out.loss, recon_loss=out.recon_loss, kl=out.kl)
-        state.consecutive_skips = 0
-        state.step = step + 1
-        meter.step_done()
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.total_steps:
-            usage, perplexity = codebook_stats(out.logits.argmax(1).flatten(), t.vocab_size)
-            meter.flush(step, temperature=temperature, lr=engine.optimizer.param_groups[0]["lr"],
-                        codebook_usage=float(usage), perplexity=float(perplexity))
-        if t.recon_every and state.step % t.recon_every == 0:
-            _write_reconstructions(engine, layout, views, writer, state.step, info.rank)
-        loop.end_step(engine)
-
-    images_per_second = meter.images_per_second
-    weights = full_state_dict(engine)  # collective under ZeRO-3
-    summary = {}
-    if info.rank == 0:
-        save_tokenizer(model, weights, layout.tokenizer)
-        # Evaluate the file we wrote, so the numbers describe what pretraining will load.
-        tokenizer = load_tokenizer(layout.tokenizer)
-        summary = evaluate_tokenizer(tokenizer, cfg, layout, writer)
-        summary["images_per_second"] = images_per_second
-        layout.summary.write_text(json.dumps(summary, indent=2))
-        log.info("tokenizer summary: %s", json.dumps(summary))
-        log.info("wrote %s (point a pretraining recipe at it with tokenizer.path=%s)", layout.tokenizer, layout.tokenizer)
-    loop.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+    return drive(cfg, TrainTokenizer())
 
 
 def _write_reconstructions(engine, layout: RunLayout, views: torch.Tensor, writer, step: int, rank: int) -> None:

@@ -208,12 +208,24 @@ def test_two_stage_chain_onto_a_relabelled_two_class_set_bf16(finetuned, data, t
     assert json.loads(meta["classes"]) == ["footwear", "other"] and meta["parent_lineage"] == "pt_ft"
 
 
-def test_linear_probe_on_frozen_pretrained_blocks_zero3(pretrained, data, tmp_path):
-    proc = run_ranks(cli("linprobe", "--config", "linprobe_quickstart", f"run.output_dir={tmp_path}",
-                         f"finetune.init_from={pretrained}", "finetune.probe_block=2", f"data.root={data['train']}",
-                         f"data.val_root={data['val']}", "engine.zero_stage=3", "train.total_steps=4",
-                         "train.log_every=2", *SMALL), timeout=240)
+def test_linear_probe_on_frozen_pretrained_blocks_zero3_resumes_after_a_preemption(pretrained, data, tmp_path):
+    def linprobe(out):
+        return cli("linprobe", "--config", "linprobe_quickstart", f"run.output_dir={out}",
+                   f"finetune.init_from={pretrained}", "finetune.probe_block=2", f"data.root={data['train']}",
+                   f"data.val_root={data['val']}", "engine.zero_stage=3", "train.total_steps=4", "train.log_every=1",
+                   "finetune.eval_every=2", *SMALL)
+
+    proc = run_ranks(linprobe(tmp_path), timeout=240)
     assert "linear probe of beit_tiny_patch4_32 after block 2/4 (batchnorm)" in proc.stderr
+    # Through the same driver as the other jobs: a preemption after step 3 saves, and the relaunch matches
+    stopped = tmp_path.parent / f"{tmp_path.name}_preempted"
+    preempted = subprocess.run(linprobe(stopped), env=rank_env(BEIT_SCALE_FAULT="signal@3:1"), capture_output=True,
+                               text=True, timeout=240, start_new_session=True)
+    assert preempted.returncode != 0 and "preempted at step 3: exiting with 75" in preempted.stderr
+    assert "continuing at step 3/4" in run_ranks(linprobe(stopped), timeout=240).stderr
+    assert records(stopped) == records(tmp_path) and sorted(records(tmp_path)[1]) == [2, 4]
+    assert torch.equal(load_file(str(stopped / "model.safetensors"))["head.weight"],
+                       load_file(str(tmp_path / "model.safetensors"))["head.weight"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["top1"] <= 1 and summary["probe_block"] == 2 and summary["val_images"] == 64
     head = load_file(str(tmp_path / "model.safetensors"))

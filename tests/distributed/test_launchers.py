@@ -1,14 +1,16 @@
 """The jobs through the real CLI on 2 ranks: torchrun for the tokenizer, the deepspeed launcher and mpirun for MIM."""
 import json
+import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.config import load_config
 from beit_scale.data import export_fashion_mnist
-from tests.distributed.ranks import free_port, run_ranks, torchrun
+from tests.distributed.ranks import free_port, rank_env, run_ranks, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -23,15 +25,18 @@ def fmnist(tmp_path_factory):
     return export_fashion_mnist(root, "train", limit=128), export_fashion_mnist(root, "test", limit=64)
 
 
+def train_tokenizer(fmnist, out) -> list[str]:
+    train, val = fmnist
+    return torchrun(2, "-m", "beit_scale.cli", "train-tokenizer", "--config", "quickstart_tokenizer",
+                    f"run.output_dir={out}", f"data.root={train}", f"data.val_root={val}",
+                    "engine.zero_stage=2", "tokenizer.recon_every=3", *TINY)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_run(fmnist, tmp_path_factory):
     """train-tokenizer under torchrun, 2 ranks, ZeRO-2 fp32."""
     out = tmp_path_factory.mktemp("tok")
-    train, val = fmnist
-    proc = run_ranks(torchrun(2, "-m", "beit_scale.cli", "train-tokenizer", "--config", "quickstart_tokenizer",
-                              f"run.output_dir={out}", f"data.root={train}", f"data.val_root={val}",
-                              "engine.zero_stage=2", "tokenizer.recon_every=3", *TINY), timeout=300)
-    return out, proc
+    return out, run_ranks(train_tokenizer(fmnist, out), timeout=300)
 
 
 def test_train_tokenizer_under_torchrun_writes_a_loadable_tokenizer(tokenizer_run):
@@ -48,6 +53,29 @@ def test_train_tokenizer_under_torchrun_writes_a_loadable_tokenizer(tokenizer_ru
     assert saved.run.job == "tokenizer" and saved.engine.zero_stage == 2
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+
+
+def logged(out) -> dict[int, dict]:
+    """{step: the logged values but throughput}, the last record of each step winning."""
+    return {rec["step"]: {k: v for k, v in rec.items() if k != "images_per_s"}
+            for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_a_preempted_tokenizer_run_resumes_through_the_driver_as_if_never_stopped(tokenizer_run, fmnist, tmp_path):
+    """USR2 reaches rank 1 after step 2: both ranks save step 2 and exit 75; the relaunch matches the run
+    that was never stopped: every logged value (loss, KL, temperature, codebook usage, lr) and the tokenizer file."""
+    full, _ = tokenizer_run
+    cmd = train_tokenizer(fmnist, tmp_path)
+    preempted = subprocess.run(cmd, env=rank_env(BEIT_SCALE_FAULT="signal@2:1"), capture_output=True, text=True,
+                               timeout=300, start_new_session=True)
+    assert preempted.returncode != 0 and "preempted at step 2: exiting with 75" in preempted.stderr
+    assert "BEIT_SCALE_FAULT=signal@2:1 is set: this run will fail on purpose" in preempted.stderr
+    proc = run_ranks(cmd, timeout=300)
+    assert "continuing at step 2/6" in proc.stderr
+    assert logged(tmp_path) == logged(full) and sorted(logged(full)) == [2, 4, 6]
+    resumed, reference = load_file(str(tmp_path / "tokenizer.safetensors")), load_file(str(full / "tokenizer.safetensors"))
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert json.loads((tmp_path / "summary.json").read_text())["restarts"] == 1
 
 
 def test_pretrain_under_the_deepspeed_launcher_zero3_bf16(tokenizer_run, fmnist, tmp_path):

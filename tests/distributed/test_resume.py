@@ -156,6 +156,24 @@ def test_inspect_and_consolidate_a_sharded_checkpoint(inputs, tmp_path_factory, 
         consolidate(run, tmp_path / "again.safetensors")
 
 
+def test_consolidate_and_load_source_read_an_unpartitioned_zero0_checkpoint(inputs, tmp_path_factory, tmp_path):
+    """ZeRO-0 has no optimizer partitions for zero_to_fp32: the module comes from DeepSpeed's model file."""
+    import torch
+    from safetensors.torch import load_file
+
+    from beit_scale.checkpoint.export import describe_source, load_source
+    from beit_scale.checkpoint.tools import consolidate, inspect
+
+    run = baseline(inputs, tmp_path_factory, 0)
+    assert inspect(run)["zero_stage"] == 0
+    out = consolidate(run, tmp_path / "consolidated.safetensors")
+    merged, final = load_file(str(out)), load_file(str(run / "model.safetensors"))
+    assert merged.keys() == {k for k in final if not k.endswith("relative_position_index")}
+    assert all(torch.equal(merged[k], final[k]) for k in merged)  # the end-of-run weights
+    loaded = load_source(describe_source(run / "checkpoints" / f"step_{STEPS:09d}"))
+    assert loaded.keys() == merged.keys() and all(torch.equal(loaded[k], merged[k]) for k in merged)
+
+
 def _plant(path, marker, manifest_dir):
     """Replace ``path`` by a malicious pickle and rewrite the manifest to match, as an attacker could."""
     import torch
@@ -204,7 +222,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(inputs, tmp_path, stag
     proc = run_ranks(command(inputs, tmp_path, stage, precision),  # NaN loss on rank 1 only, at step 3
                      env=rank_env(BEIT_SCALE_FAULT="nan_loss@3:1"), timeout=240)
     for rank in (0, 1):
-        assert f"[rank {rank}] WARNING beit_scale.train.common: non-finite loss or gradient at step 3: " \
+        assert f"[rank {rank}] WARNING beit_scale.train.driver: non-finite loss or gradient at step 3: " \
                f"skipped on every rank (1 in a row, 1 in all)" in proc.stderr
     assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))  # the schedule did not advance on the skip
     assert all(v == v for v in losses(tmp_path).values())  # no NaN reached the logged losses
@@ -284,7 +302,7 @@ def test_a_signal_on_one_rank_makes_every_rank_save_that_step(inputs, tmp_path):
                                capture_output=True, text=True, timeout=240, start_new_session=True)
     assert preempted.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
     for rank in (0, 1):
-        assert f"[rank {rank}] WARNING beit_scale.train.common: preempted (USR2): checkpoint of step 3/6 committed" \
+        assert f"[rank {rank}] WARNING beit_scale.train.driver: preempted (USR2): checkpoint of step 3/6 committed" \
                in preempted.stderr
     assert "preempted at step 3: exiting with 75 (requeue)" in preempted.stderr and "exitcode  : 75" in preempted.stderr
     assert "step 4/6" not in preempted.stderr
@@ -315,7 +333,7 @@ def test_the_slurm_torchrun_wrapper_passes_the_signal_to_its_ranks_and_exits_75(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, err[-4000:]
-    assert "[rank 0] WARNING beit_scale.train.common: preempted (USR2): checkpoint of step" in err
+    assert "[rank 0] WARNING beit_scale.train.driver: preempted (USR2): checkpoint of step" in err
     [tag] = committed_tags(tmp_path / "checkpoints")
     assert 1 <= int(tag.split("_")[1]) < 400
 

@@ -1,5 +1,6 @@
-"""`beit-scale pipeline` through the real two-node Slurm: tokenizer -> pretrain -> consolidate -> finetune run
-in order with Slurm dependencies; a failed stage cancels the stages after it; a resubmission skips what is done."""
+"""`beit-scale pipeline` through the real two-node Slurm: tokenizer -> pretrain -> consolidate -> finetune ->
+linear probe run in order with Slurm dependencies; a failed stage cancels the stages after it; a resubmission
+skips what is done."""
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ from tests.slurm.test_slurm_launch import job_env
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.timeout(420)]
 ONE_RANK = [*TINY, "train.grad_accum=2", "train.total_steps=4"]  # global batch 16 = 8 x 2 x 1 rank
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+STAGES = ["tokenizer", "pretrain", "consolidate", "finetune", "probe"]
 
 
 def write_chain(path, name, root, inputs, pretrain_data=None, tokenizer_dir=None):
@@ -32,6 +34,9 @@ def write_chain(path, name, root, inputs, pretrain_data=None, tokenizer_dir=None
                   "args": ["{pretrain}", "{pretrain}/consolidated/model_fp32.safetensors"]},
                  {"name": "finetune", "job": "finetune", "config": "finetune_quickstart",
                   "overrides": [f"run.output_dir={root}/{name}_ft", f"data.root={train}", f"data.val_root={val}",
+                                "finetune.init_from={consolidate}/model_fp32.safetensors", *ONE_RANK]},
+                 {"name": "probe", "job": "linprobe", "config": "linprobe_quickstart",
+                  "overrides": [f"run.output_dir={root}/{name}_lp", f"data.root={train}", f"data.val_root={val}",
                                 "finetune.init_from={consolidate}/model_fp32.safetensors", *ONE_RANK]},
              ]}
     path.write_text(yaml.safe_dump(chain))
@@ -68,10 +73,10 @@ def test_pipeline_runs_stages_in_order_then_a_resubmission_skips_them(slurm_clus
     chain = write_chain(tmp_path / "chain.yaml", "tiny", tmp_path, inputs)
     _TOKENIZER["done"] = tmp_path / "tok"  # the next test's chain starts with this stage, done
     status, ids = pipeline(slurm_cluster, chain)
-    assert status == dict.fromkeys(["tokenizer", "pretrain", "consolidate", "finetune"], "submitted")
-    jobs = wait_all(slurm_cluster, ids, 300)
+    assert status == dict.fromkeys(STAGES, "submitted")
+    jobs = wait_all(slurm_cluster, ids, 360)
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("tiny.*.out")))
-    assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 4, logs[-6000:]
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 5, logs[-6000:]
     for before, after in zip(jobs, jobs[1:]):
         assert after["StartTime"] >= before["EndTime"]  # each stage began after the one before it ended
     assert (tmp_path / "tiny_pt" / "consolidated" / "model_fp32.safetensors").is_file()
@@ -79,9 +84,13 @@ def test_pipeline_runs_stages_in_order_then_a_resubmission_skips_them(slurm_clus
     assert summary["steps"] == 4
     ft_config = yaml.safe_load((tmp_path / "tiny_ft" / "config.yaml").read_text())
     assert ft_config["finetune"]["init_from"] == str(tmp_path / "tiny_pt" / "consolidated" / "model_fp32.safetensors")
+    # the `job: linprobe` stage ran linear probing (launch/linprobe.sbatch), not a full fine-tune
+    probe = json.loads((tmp_path / "tiny_lp" / "summary.json").read_text())
+    assert probe["probe_block"] == 3 and probe["steps"] == 4 and "linear probe of beit_tiny_patch4_32" in logs
+    assert yaml.safe_load((tmp_path / "tiny_lp" / "config.yaml").read_text())["run"]["job"] == "linprobe"
 
     status, ids = pipeline(slurm_cluster, chain)  # everything is done: nothing is submitted
-    assert status == dict.fromkeys(["tokenizer", "pretrain", "consolidate", "finetune"], "done") and ids == []
+    assert status == dict.fromkeys(STAGES, "done") and ids == []
 
 
 def test_a_failed_stage_cancels_the_stages_after_it(slurm_cluster, inputs, tmp_path):
@@ -90,12 +99,13 @@ def test_a_failed_stage_cancels_the_stages_after_it(slurm_cluster, inputs, tmp_p
     chain = write_chain(tmp_path / "chain.yaml", "broken", tmp_path, inputs, pretrain_data=tmp_path / "missing",
                         tokenizer_dir=_TOKENIZER.get("done"))
     status, ids = pipeline(slurm_cluster, chain)
-    assert list(status.values())[1:] == ["submitted"] * 3
-    jobs = wait_all(slurm_cluster, ids, 240)[-3:]
+    assert list(status.values())[1:] == ["submitted"] * 4
+    jobs = wait_all(slurm_cluster, ids, 240)[-4:]
     states = [j["JobState"] for j in jobs]
-    assert states == ["FAILED", "CANCELLED", "CANCELLED"], states
+    assert states == ["FAILED", "CANCELLED", "CANCELLED", "CANCELLED"], states
     assert all(j["Reason"] == "DependencyNeverSatisfied" or j["RunTime"] == "00:00:00" for j in jobs[1:])
     assert not (tmp_path / "broken_pt" / "consolidated").exists() and not (tmp_path / "broken_ft").exists()
+    assert not (tmp_path / "broken_lp").exists()
 
 
 def test_dry_run_sees_a_stage_already_queued_as_a_real_submission_does(slurm_cluster, tmp_path):
