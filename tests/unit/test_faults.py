@@ -2,6 +2,7 @@
 announced loudly, and an unset one leaves production code calling hooks that do nothing."""
 import logging
 import math
+import signal
 
 import pytest
 import torch
@@ -64,7 +65,11 @@ def test_nan_weights_poisons_one_weight_of_its_rank_after_its_step():
 def test_a_malformed_fault_stops_the_cli_before_any_process_group(monkeypatch, tmp_path, capfd):
     (tmp_path / "data" / "a").mkdir(parents=True)
     monkeypatch.setenv("BEIT_SCALE_FAULT", "after_step@two")
-    code = main(["train-tokenizer", "--config", "quickstart_tokenizer_small", f"run.output_dir={tmp_path / 'run'}",
-                 f"data.root={tmp_path / 'data'}"])
+    handler = signal.getsignal(signal.SIGUSR2)
+    try:
+        code = main(["train-tokenizer", "--config", "quickstart_tokenizer_small", f"run.output_dir={tmp_path / 'run'}",
+                     f"data.root={tmp_path / 'data'}"])
+    finally:  # the CLI catches the preemption signal from its start; give the other tests their default back
+        signal.signal(signal.SIGUSR2, handler)
     assert code == 2 and "BEIT_SCALE_FAULT='after_step@two' is not a fault" in capfd.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started: no run folder
