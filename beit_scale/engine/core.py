@@ -21,9 +21,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (e.g. layer-decay groups with ``lr_scale``), by default :func:`param_groups`."""
+    """AdamW over ``groups`` (e.g. layer-decay groups with ``lr_scale``), by default :func:`param_groups`.
+
+    Fused: one kernel for every parameter of a group instead of a loop of small ones (CUDA and CPU alike).
+    """
     groups = param_groups(model, cfg.weight_decay) if groups is None else groups
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 class StepSchedule:

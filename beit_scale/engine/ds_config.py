@@ -61,6 +61,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         zero_allow_untested_optimizer=True,
     )
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    # DeepSpeed's throughput timer synchronizes the device at every forward and step; we time ourselves.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     if precision_of(ds) == "bf16":
         # DeepSpeed casts parameters, not buffers; timm's Beit keeps k_bias as an fp32 buffer, which makes
         # the q/k/v linear mix dtypes. Cast float buffers too (integer index buffers are left alone).
