@@ -35,6 +35,7 @@ RANGES = {
     "optim.betas": "[0, 1)",
     "optim.weight_decay": "[0, inf)",
     "optim.clip_grad": "[0, inf)",  # 0 disables clipping
+    "engine.peak_tflops": "[0, inf)",
     "train.total_steps": "[1, inf)",
     "train.micro_batch": "[1, inf)",
     "train.grad_accum": "[1, inf)",

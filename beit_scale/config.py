@@ -122,6 +122,8 @@ class EngineConfig:
     ds_config: str = "ds_configs/base.json"  # DeepSpeed JSON: ZeRO stage, offload, precision, buckets only
     zero_stage: Optional[int] = None  # override the ds_config's ZeRO stage (0-3)
     precision: Optional[Literal["fp32", "bf16"]] = None  # override the ds_config's precision
+    compile: Optional[bool] = None  # torch.compile the model (DeepSpeed's engine.compile); default: on a GPU only
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s that MFU is read against (H100 bf16 dense: 989); 0 = a matmul measured at start
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,8 @@ SAFE_ON_RESUME = frozenset({
     "run.output_dir", "data.num_workers", "tokenizer.recon_every",
     "train.micro_batch", "train.grad_accum", "train.log_every", "train.eval_batches", "train.trace_samples",
     "train.on_nonfinite", "train.max_consecutive_skips", "train.preempt_signal", "train.preempt_check_every",
-    "train.heartbeat_timeout", "train.stall_timeout", "finetune.eval_every",
+    "train.heartbeat_timeout", "train.stall_timeout", "finetune.eval_every", "engine.compile",
+    "engine.peak_tflops",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_damaged",
     "checkpoint.start_over", "checkpoint.allow_changes",
 })

@@ -32,7 +32,7 @@ from beit_scale.engine.dist import DistInfo, init_distributed
 from beit_scale.engine.ds_config import build_ds_config, write_ds_config
 from beit_scale.faults import NoFaults, from_env
 from beit_scale.train.control import PREEMPTED_EXIT, Heartbeat, Preempted, StopSignal
-from beit_scale.train.metrics import Meter, SampleTrace, tensorboard_writer
+from beit_scale.train.metrics import Meter, SampleTrace, Speed, measure_peak_tflops, tensorboard_writer
 from beit_scale.train.run_folder import claim_run_folder, refuse_config_change
 from beit_scale.train.state import BatchStream, TrainState, capture_rng, restore_rng
 
@@ -86,6 +86,10 @@ class Task:
         """More of this rank's state for each checkpoint (TrainState and the RNGs are always saved)."""
         return {}
 
+    def flops_per_image(self, run: "Run") -> float | None:
+        """Model FLOPs of one training step per image (models/flops.py), for TFLOP/s and MFU; None: not reported."""
+        return None
+
     def finish(self, run: "Run", last: dict[str, float]) -> dict:
         """After the last step, on every rank: the final evaluation and output files (rank 0 writes).
         ``last``: the last logged values. Returns this job's summary entries."""
@@ -131,11 +135,12 @@ def drive(cfg: Config, task: Task) -> dict:
     log.info("%s on %d rank(s), %s, ZeRO %d", task.describe(run), info.world_size, run.dtype,
              run.engine.zero_optimization_stage())
     loader = make_loader(task.train_set(run), cfg.train.micro_batch, cfg.data.num_workers, cfg.run.seed, train=True)
-    run.loop = loop = start_loop(run, loader)
+    run.loop = loop = start_loop(run, loader, task.flops_per_image(run))
     task.start(run)
     last = train(run, task)
+    speed = loop.meter.speed.of(loop.meter.images_per_second) if loop.meter.speed else {}
     summary = {**task.finish(run, last), "final_loss": last["loss"], "steps": cfg.train.total_steps,
-               "images_per_second": loop.meter.images_per_second, "world_size": info.world_size,
+               "images_per_second": loop.meter.images_per_second, **speed, "world_size": info.world_size,
                "restarts": loop.state.restarts, "skipped_steps": loop.state.skipped_steps}
     if dist.is_initialized():  # rank 0's summary on every rank (some tasks evaluate their output on rank 0)
         shared = [summary]
@@ -202,6 +207,9 @@ def start_engine(run: Run, model: nn.Module, groups: list[dict] | None) -> None:
         write_ds_config(ds_config, layout.ds_config)
     run.engine, run.schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps, groups)
     run.dtype = engine_dtype(run.engine)
+    if cfg.engine.compile if cfg.engine.compile is not None else torch.cuda.is_available():
+        run.engine.compile()  # the module only; DeepSpeed's step stays eager
+        log.info("the model is compiled with torch.compile (engine.compile; the first steps include compilation)")
 
 
 def versions() -> dict[str, str]:
@@ -280,9 +288,9 @@ class Loop:
             self.writer.close()
 
 
-def start_loop(run: Run, loader: DataLoader) -> Loop:
+def start_loop(run: Run, loader: DataLoader, flops_per_image: float | None) -> Loop:
     """Start the watchdog and signal handler, resume (or start at step 0), then open the batch stream,
-    TensorBoard, metrics and sample trace."""
+    TensorBoard, metrics (with TFLOP/s and MFU where the task counts its FLOPs) and sample trace."""
     cfg, info, layout, t = run.cfg, run.info, run.layout, run.cfg.train
     heartbeat = Heartbeat(layout.heartbeat, info.rank, info.world_size, t.heartbeat_timeout, t.stall_timeout)
     stop = StopSignal(t.preempt_signal, t.preempt_check_every, info.device)
@@ -292,7 +300,16 @@ def start_loop(run: Run, loader: DataLoader) -> Loop:
     state, checkpoints = resume_or_start(run)
     heartbeat.beat(state.step)
     writer = tensorboard_writer(layout.tensorboard, info.rank)
-    meter = Meter(writer, t.total_steps, t.global_batch, state.step, layout.metrics if info.rank == 0 else None)
+    speed = None
+    if flops_per_image:
+        peak = cfg.engine.peak_tflops
+        if not peak and info.device.type == "cuda":  # a CPU has no peak worth reading MFU against
+            peak = measure_peak_tflops(info.device, run.dtype)
+            log.info("MFU is read against %.4g TFLOP/s per device, a %s matmul measured here (engine.peak_tflops "
+                     "sets it)", peak, run.dtype)
+        speed = Speed(flops_per_image, info.world_size, peak)
+    meter = Meter(writer, t.total_steps, t.global_batch, state.step, layout.metrics if info.rank == 0 else None,
+                  speed)
     trace = SampleTrace(layout.sample_trace(info.rank) if t.trace_samples else None)
     return Loop(cfg, info.rank, state, checkpoints, BatchStream(loader, state), writer, meter, trace, heartbeat, stop,
                 run.faults)

@@ -28,6 +28,7 @@ from beit_scale.config import Config
 from beit_scale.engine.core import backward_step
 from beit_scale.engine.layer_decay import format_group_table, layer_decay_param_groups, param_names_per_group
 from beit_scale.models import build_classifier, get_spec
+from beit_scale.models.flops import backbone_flops, head_flops, train_flops
 from beit_scale.train.classify import ClassifierTask, evaluate, load_initial_weights
 from beit_scale.train.driver import MicroStep, Run, drive
 
@@ -96,6 +97,10 @@ class Finetune(ClassifierTask):
     def describe(self, run: Run) -> str:
         return (f"fine-tuning {run.cfg.model.name} at {self.img_size} px, {self.num_classes} classes, on "
                 f"{len(self.indices)} of {len(self.base)} images")
+
+    def flops_per_image(self, run: Run) -> float:
+        spec = get_spec(run.cfg.model.name)
+        return train_flops(backbone_flops(spec, self.img_size) + head_flops(spec, 1, self.num_classes))
 
     def start(self, run: Run) -> None:
         super().start(run)

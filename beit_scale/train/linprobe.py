@@ -22,6 +22,7 @@ from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.config import Config
 from beit_scale.models import LinearProbe, build_classifier, get_spec
+from beit_scale.models.flops import backbone_flops, head_flops, train_flops
 from beit_scale.models.probe import average_norm_stats
 from beit_scale.train.classify import ClassifierTask, load_initial_weights
 from beit_scale.train.driver import MicroStep, Run, drive
@@ -45,6 +46,11 @@ class Linprobe(ClassifierTask):
         f = run.cfg.finetune
         return (f"linear probe of {run.cfg.model.name} after block {self.num_blocks}/{get_spec(run.cfg.model.name).depth}"
                 f" ({f.probe_norm}), {self.num_classes} classes, {len(self.indices)} of {len(self.base)} images")
+
+    def flops_per_image(self, run: Run) -> float:
+        """The frozen blocks run forward only; the head trains."""
+        spec = get_spec(run.cfg.model.name)
+        return train_flops(head_flops(spec, 1, self.num_classes), backbone_flops(spec, self.img_size, self.num_blocks))
 
     def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
         labels = batch["label"].to(run.device, non_blocking=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,18 +29,48 @@ class SampleTrace:
             self.file.close()
 
 
+@dataclass(frozen=True)
+class Speed:
+    """Model FLOPs per image and the device's peak: turns images/s into TFLOP/s and MFU per device."""
+
+    flops_per_image: float  # one training step's FLOPs per image (models/flops.py)
+    world_size: int
+    peak_tflops: float  # per device; 0 when unknown (no MFU)
+
+    def of(self, images_per_second: float) -> dict[str, float]:
+        tflops = images_per_second * self.flops_per_image / self.world_size / 1e12
+        return {"tflops": tflops, **({"mfu": tflops / self.peak_tflops} if self.peak_tflops > 0 else {})}
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a large square matmul in ``dtype`` on the GPU ``device``: the reachable peak MFU is read
+    against when the recipe names none (engine.peak_tflops); a little under the vendor's figure."""
+    n, reps = 8192, 20
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel selection, clocks
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
 class Meter:
     """Sums of step metrics kept on the device; read (all-reduced, one host sync) every ``log_every`` steps."""
 
     def __init__(self, writer, total_steps: int, images_per_step: int, first_step: int = 0,
-                 metrics_file: Path | None = None):
+                 metrics_file: Path | None = None, speed: "Speed | None" = None):
         self.writer = writer
         self.metrics_file = metrics_file
         self.total_steps = total_steps
         self.first_step = first_step
         self.images_per_step = images_per_step
+        self.speed = speed
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.count = 0  # micro batches added in this window
+        self.window_steps = 0  # optimizer steps in this window
         self.start = self.window_start = time.perf_counter()
         self.timed_steps = 0  # steps after the first of this process, which carries start-up costs
         self.timed_start: float | None = None
@@ -51,6 +82,7 @@ class Meter:
         self.count += 1
 
     def step_done(self) -> None:
+        self.window_steps += 1
         if self.timed_start is None:
             self.timed_start = time.perf_counter()
         else:
@@ -71,7 +103,9 @@ class Meter:
             stacked /= dist.get_world_size()
         now = time.perf_counter()
         values = dict(zip(names, stacked.tolist()))
-        values["images_per_s"] = self.count * self.images_per_step / max(now - self.window_start, 1e-9)
+        values["images_per_s"] = self.window_steps * self.images_per_step / max(now - self.window_start, 1e-9)
+        if self.speed is not None:
+            values.update(self.speed.of(values["images_per_s"]))
         values.update(extra)
         done = step + 1
         eta = (now - self.start) / max(done - self.first_step, 1) * (self.total_steps - done)
@@ -84,7 +118,7 @@ class Meter:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps({"step": done, **values}) + "\n")
         self.sums.clear()
-        self.count = 0
+        self.count = self.window_steps = 0
         self.window_start = now
         return values
 

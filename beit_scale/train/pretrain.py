@@ -16,7 +16,8 @@ from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform, make_loader
 from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
-from beit_scale.models import build_mim_model, masked_positions
+from beit_scale.models import build_mim_model, get_spec, masked_positions
+from beit_scale.models.flops import backbone_flops, head_flops, train_flops
 from beit_scale.tokenizers import codebook_stats
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_mask_grid
@@ -86,6 +87,12 @@ class Pretrain(Task):
                                      color_jitter=d.color_jitter, mean=d.mean, std=d.std,
                                      tokenizer_pixel_map=tok.map_pixels)
         return MIMDataset(SafeImageFolder(d.root), transform, self.mask_gen, run.cfg.run.seed)
+
+    def flops_per_image(self, run: Run) -> float:
+        """The BEiT's (the tokenizer's labelling is not counted): blocks over every patch, head on the masked."""
+        spec = get_spec(run.cfg.model.name)
+        return train_flops(backbone_flops(spec, self.img_size)
+                           + head_flops(spec, run.cfg.masking.num_masked, self.tokenizer.vocab_size))
 
     def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
         if step == 0 and run.rank == 0:
