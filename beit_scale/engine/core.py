@@ -10,6 +10,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from beit_scale.config import OptimConfig
+from beit_scale.engine.syncs import fewer_step_syncs
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_config: dict, tota
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, schedule). ``groups``: see :func:`build_optimizer`."""
     optimizer = build_optimizer(model, optim_cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    fewer_step_syncs(engine)
     schedule = StepSchedule(engine.optimizer, optim_cfg, total_steps)
     return engine, schedule
 

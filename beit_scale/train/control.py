@@ -62,21 +62,25 @@ class StopSignal:
         self.name, self.check_every, self.device = name, check_every, device
         self.flag = _early_signal
         self.signum = None
+        self.group = None  # the ranks agree over gloo on a host tensor: no device sync, whatever the backend
+        self.buffer = torch.zeros(1, dtype=torch.int32)
         if name:
             self.signum = _signum(name)
             self.previous = signal.signal(self.signum, self._handle)
+            if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo")  # collective: every rank builds its StopSignal
 
     def _handle(self, signum, frame) -> None:  # only a flag: the step in flight finishes undisturbed
         self.flag = True
 
     def agreed(self, step: int) -> bool:
-        """Collective every ``check_every`` steps (one tiny all-reduce and host sync); False in between."""
+        """Collective every ``check_every`` steps (a one-integer all-reduce in host memory); False in between."""
         if not self.name or step % self.check_every:
             return False
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
+        self.buffer[0] = int(self.flag)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(self.buffer, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(self.buffer.numpy()[0])  # host memory: nothing waits for the device
 
     def close(self) -> None:
         if self.name:
