@@ -122,7 +122,7 @@ class EngineConfig:
     ds_config: str = "ds_configs/base.json"  # DeepSpeed JSON: ZeRO stage, offload, precision, buckets only
     zero_stage: Optional[int] = None  # override the ds_config's ZeRO stage (0-3)
     precision: Optional[Literal["fp32", "bf16"]] = None  # override the ds_config's precision
-    compile: Optional[bool] = None  # torch.compile the model (DeepSpeed's engine.compile); default: on a GPU only
+    compile: Optional[bool] = None  # torch.compile the model (DeepSpeed's engine.compile); default: on a GPU at ZeRO 0-2
     peak_tflops: float = 0.0  # per-device peak TFLOP/s that MFU is read against (H100 bf16 dense: 989); 0 = a matmul measured at start
 
 

@@ -207,7 +207,8 @@ def start_engine(run: Run, model: nn.Module, groups: list[dict] | None) -> None:
         write_ds_config(ds_config, layout.ds_config)
     run.engine, run.schedule = build_engine(model, cfg.optim, ds_config, cfg.train.total_steps, groups)
     run.dtype = engine_dtype(run.engine)
-    if cfg.engine.compile if cfg.engine.compile is not None else torch.cuda.is_available():
+    default = torch.cuda.is_available() and run.engine.zero_optimization_stage() <= 2  # ZeRO-3's hooks break graphs
+    if cfg.engine.compile if cfg.engine.compile is not None else default:
         run.engine.compile()  # the module only; DeepSpeed's step stays eager
         log.info("the model is compiled with torch.compile (engine.compile; the first steps include compilation)")
 

@@ -1,5 +1,6 @@
-"""`benchmarks/fmnist_pretrain_vs_scratch.py` end to end at a tiny scale: export, tokenizer, MIM pretraining and
-both fine-tunings run as real CLI processes and the result JSON is complete.
+"""The benchmark scripts end to end at a tiny scale: `benchmarks/fmnist_pretrain_vs_scratch.py` (export, tokenizer,
+MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete) and `benchmarks/throughput.py
+--smoke` (every row, with speed and host syncs per step).
 
 At this scale (720 training images, 72 labelled, a few dozen steps) pretraining has no reason to win, so the
 test proves the pipeline, not the claim; the full run's result is in benchmarks/results/.
@@ -40,3 +41,19 @@ def test_benchmark_pipeline_writes_both_accuracies_and_stage_times(tmp_path):
     assert "no finetune.init_from: training from random initialisation" in (
         tmp_path / "logs" / "finetune_scratch.log").read_text()
     assert "initialised from" in (tmp_path / "logs" / "finetune_pretrained.log").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_throughput_benchmark_smoke_writes_every_row_with_speed_and_syncs(tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert rows[0]["device"] == "cpu" and not [r for r in rows if "error" in r]
+    speed = {r["row"]: r for r in rows[1:]}
+    assert set(speed) == {"plain PyTorch", "beit_scale ZeRO-1", "beit_scale ZeRO-2", "beit_scale ZeRO-3",
+                          "beit_scale ZeRO-1 + tokenizer"}
+    assert all(r["img_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None for r in speed.values())  # no CPU peak
+    assert speed["plain PyTorch"]["host_syncs_per_step"] == 0
+    assert speed["beit_scale ZeRO-1"]["host_syncs_per_step"] == speed["beit_scale ZeRO-2"]["host_syncs_per_step"] == 1
