@@ -121,7 +121,7 @@ class CheckpointConfig:
 class EngineConfig:
     ds_config: str = "ds_configs/base.json"  # DeepSpeed JSON: ZeRO stage, offload, precision, buckets only
     zero_stage: Optional[int] = None  # override the ds_config's ZeRO stage (0-3)
-    precision: Optional[Literal["fp32", "bf16"]] = None  # override the ds_config's precision
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None  # override the ds_config's (fp16: dynamic loss scale)
     compile: Optional[bool] = None  # torch.compile the model (DeepSpeed's engine.compile); default: on a GPU at ZeRO 0-2
     peak_tflops: float = 0.0  # per-device peak TFLOP/s that MFU is read against (H100 bf16 dense: 989); 0 = a matmul measured at start
 

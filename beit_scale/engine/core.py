@@ -63,7 +63,9 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_config: dict, tota
 
 
 def engine_dtype(engine) -> torch.dtype:
-    """dtype the wrapped module computes in (bf16 or fp32); inputs are cast to it."""
+    """dtype the wrapped module computes in (bf16, fp16 or fp32); inputs are cast to it."""
+    if engine.fp16_enabled():
+        return torch.float16
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
@@ -81,7 +83,7 @@ def guarded_step(engine) -> bool:
     gradient would reach the weights: there the (all-reduced, identical on every rank) gradients are
     checked at the accumulation boundary and the update is skipped.
     """
-    if (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    if (engine.zero_optimization_stage() == 0 and engine_dtype(engine) == torch.float32
             and engine.is_gradient_accumulation_boundary()):
         params = [p for p in engine.module.parameters() if p.grad is not None]
         norms = torch._foreach_norm([p.grad for p in params]) if params else []

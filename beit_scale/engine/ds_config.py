@@ -35,12 +35,14 @@ def load_ds_config(path_str: str) -> dict:
     if clashes:
         owners = ", ".join(f"{k} (set {RECIPE_OWNED[k]} in the recipe)" for k in clashes)
         raise ValueError(f"engine.ds_config={path_str!r} sets keys the recipe owns: {owners}; remove them from the JSON")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"engine.ds_config={path_str!r} enables fp16; beit_scale trains in fp32 or bf16, use \"bf16\"")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ValueError(f"engine.ds_config={path_str!r} enables both fp16 and bf16; keep one")
     return ds
 
 
 def precision_of(ds: dict) -> str:
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
     return "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
 
 
@@ -51,6 +53,12 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
     if cfg.engine.precision is not None:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.engine.precision == "bf16"}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.engine.precision == "fp16"}
+    if precision_of(ds) == "fp16":
+        # DeepSpeed's dynamic loss scaling (loss_scale 0): an overflow skips the step on every rank and halves
+        # the scale; 2^16 to start, doubled after 1000 clean steps, as DeepSpeed's own defaults.
+        ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                      "min_loss_scale": 1, **ds["fp16"]}
     t = cfg.train
     ds.update(
         train_batch_size=t.global_batch,
@@ -63,10 +71,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     # DeepSpeed's throughput timer synchronizes the device at every forward and step; we time ourselves.
     ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
-    if precision_of(ds) == "bf16":
+    if precision_of(ds) in ("bf16", "fp16"):
         # DeepSpeed casts parameters, not buffers; timm's Beit keeps k_bias as an fp32 buffer, which makes
         # the q/k/v linear mix dtypes. Cast float buffers too (integer index buffers are left alone).
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision_of(ds))
     assert t.global_batch == t.micro_batch * t.grad_accum * world_size, "validate() checks this first"
     return ds
 

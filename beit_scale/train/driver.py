@@ -170,8 +170,9 @@ def train(run: Run, task: Task) -> dict[str, float]:
             out = task.micro_step(run, batch, step)
             applied = backward_step(engine, run.faults.poison(out.loss, step + 1, run.rank))
             micro.append(out._replace(loss=out.loss.detach()))
+        fp16_scale = {"loss_scale": float(engine.optimizer.loss_scale)} if engine.fp16_enabled() else {}
         if not applied:  # DeepSpeed decides at the accumulation boundary, the same on every rank
-            skip_nonfinite_step(state, cfg, run.layout)
+            skip_nonfinite_step(state, cfg, run.layout, fp16_scale.get("loss_scale"))
             continue
         for out in micro:
             loop.meter.add(loss=out.loss, **out.metrics)
@@ -182,7 +183,8 @@ def train(run: Run, task: Task) -> dict[str, float]:
         if state.step % t.log_every == 0 or state.step == t.total_steps:
             norm = engine.get_global_grad_norm()
             last = loop.meter.flush(step, lr=max(g["lr"] for g in engine.optimizer.param_groups),
-                                    grad_norm=float("nan") if norm is None else float(norm), **task.log_values(run))
+                                    grad_norm=float("nan") if norm is None else float(norm), **fp16_scale,
+                                    **task.log_values(run))
         task.after_step(run, state.step)
         loop.end_step(engine, lambda: {**checkpoint_payload(state), **task.rank_state(run)})
     return last
@@ -320,10 +322,11 @@ class NonFiniteError(RuntimeError):
     """Training stopped on non-finite losses or gradients (policy ``stop`` or too many skips in a row)."""
 
 
-def skip_nonfinite_step(state: TrainState, cfg: Config, layout: RunLayout) -> None:
+def skip_nonfinite_step(state: TrainState, cfg: Config, layout: RunLayout, loss_scale: float | None = None) -> None:
     """Account for an optimizer step that every rank skipped; raise NonFiniteError when the policy says stop.
 
-    The step counter (and so the schedule) does not advance; the skipped micro batches are not reused.
+    The step counter (and so the schedule) does not advance; the skipped micro batches are not reused. In fp16
+    (``loss_scale``: DeepSpeed's dynamic scale after the skip) an overflow is also how the scale is found.
     """
     state.skipped_steps += 1
     state.consecutive_skips += 1
@@ -336,8 +339,9 @@ def skip_nonfinite_step(state: TrainState, cfg: Config, layout: RunLayout) -> No
             f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}); last checkpoint: "
             f"{layout.checkpoints / latest if latest != 'none' else 'none'}"
         )
-    log.warning("non-finite loss or gradient at step %d: skipped on every rank (%d in a row, %d in all)",
-                step, state.consecutive_skips, state.skipped_steps)
+    scale = f" (fp16 overflow; loss scale now {loss_scale:g})" if loss_scale is not None else ""
+    log.warning("non-finite loss or gradient at step %d%s: skipped on every rank (%d in a row, %d in all)",
+                step, scale, state.consecutive_skips, state.skipped_steps)
 
 
 def checkpoint_payload(state: TrainState) -> dict:

@@ -287,3 +287,19 @@ def test_tokenizer_weights_that_do_not_match_the_architecture_are_refused(tiny_t
     wider = _tokenizer_variant(path, arch_edit=lambda a: a.update(codebook_dim=16))  # same tensors, other shapes
     with pytest.raises(ValueError, match=r"the weights do not match the architecture in its metadata \(size mismatch"):
         load_tokenizer(wider)
+
+
+def test_fp16_gets_dynamic_loss_scaling_and_fp16_buffers_and_never_runs_beside_bf16(tmp_path):
+    from beit_scale.engine.ds_config import build_ds_config, load_ds_config
+
+    cfg = load_config("quickstart_pretrain", ["engine.precision=fp16"])
+    ds = build_ds_config(cfg, 1)
+    assert ds["fp16"] == {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                          "min_loss_scale": 1, "enabled": True}
+    assert ds["bf16"]["enabled"] is False and ds["data_types"]["buffer_dtype"] == "fp16"
+    (tmp_path / "own.json").write_text('{"fp16": {"enabled": true, "initial_scale_power": 8}}')
+    own = build_ds_config(load_config("quickstart_pretrain", [f"engine.ds_config={tmp_path / 'own.json'}"]), 1)
+    assert own["fp16"]["initial_scale_power"] == 8 and own["fp16"]["loss_scale"] == 0  # the file's settings win
+    (tmp_path / "both.json").write_text('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}')
+    with pytest.raises(ValueError, match=r"enables both fp16 and bf16; keep one"):
+        load_ds_config(str(tmp_path / "both.json"))
