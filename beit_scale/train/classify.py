@@ -2,6 +2,7 @@
 evaluation on a cadence, and the summary entries of a classifier."""
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Callable, Optional
 
@@ -115,8 +116,9 @@ class ClassifierTask(Task):
         self.model = model
         return model, groups
 
+    @abc.abstractmethod
     def build_model(self, run: Run) -> tuple[nn.Module, list[dict] | None]:
-        raise NotImplementedError
+        """The model to train (self.num_classes and self.img_size are set) and its optimizer groups."""
 
     def train_set(self, run: Run) -> ClassificationSet:
         transform = train_transform(run.cfg, self.img_size, augment=self.augment)

@@ -7,6 +7,7 @@ checkpoints, preemption, the heartbeat, and the summary that every rank returns.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib.metadata
 import json
@@ -47,20 +48,20 @@ class MicroStep(NamedTuple):
     keep: Any = None  # given back to Task.step_done once the optimizer step is applied
 
 
-class Task:
+class Task(abc.ABC):
     """A job, as the driver runs it. Every hook gets the :class:`Run`; the optional ones do nothing here."""
 
+    @abc.abstractmethod
     def build(self, run: "Run") -> tuple[nn.Module, list[dict] | None]:
         """The model to train and its optimizer groups (None: weight-decay groups); called on every rank."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, run: "Run") -> str:
         """What this run trains, for the log line after the engine starts."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_set(self, run: "Run") -> Dataset:
         """The training samples: dicts with at least an ``index`` (seeded per sample, see data/seeding.py)."""
-        raise NotImplementedError
 
     def start(self, run: "Run") -> None:
         """After the engine and the resume, before the first step (e.g. restore an EMA, open the validation set)."""
@@ -68,9 +69,9 @@ class Task:
     def begin_step(self, run: "Run", step: int) -> None:
         """Before the micro batches of optimizer step ``step + 1`` (e.g. a temperature schedule)."""
 
+    @abc.abstractmethod
     def micro_step(self, run: "Run", batch: dict, step: int) -> MicroStep:
         """The loss of one micro batch (the driver runs backward and the optimizer step)."""
-        raise NotImplementedError
 
     def step_done(self, run: "Run", step: int, kept: list) -> None:
         """Optimizer step ``step`` was applied; ``kept``: each micro step's ``keep``."""
@@ -90,10 +91,10 @@ class Task:
         """Model FLOPs of one training step per image (models/flops.py), for TFLOP/s and MFU; None: not reported."""
         return None
 
+    @abc.abstractmethod
     def finish(self, run: "Run", last: dict[str, float]) -> dict:
         """After the last step, on every rank: the final evaluation and output files (rank 0 writes).
         ``last``: the last logged values. Returns this job's summary entries."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass
