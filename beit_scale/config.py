@@ -57,6 +57,7 @@ class TokenizerConfig:
     temperature_end: float = 0.0625  # temperature reached at the end of annealing
     anneal_fraction: float = 0.8  # fraction of train.total_steps over which the temperature anneals
     recon_every: int = 0  # write reconstruction PNGs every N optimizer steps (0 = only at the end)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # pretraining labels: fp32, or autocast + fp32 bottom stage
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ the same call for a fair ratio:
 
 Rows per model size (base, large, giant; --models to choose): plain PyTorch (the BEiT MIM model, fused AdamW,
 bf16 autocast) eager and compiled; the beit_scale engine (ds_configs/base.json's settings, bf16) at ZeRO 1, 2
-and 3; ZeRO-1 with the dVAE tokenizer labelling the views. Each row: img/s, TFLOP/s and MFU per device (model
+and 3; ZeRO-1 with the dVAE tokenizer labelling the views in fp32 and in fp16 (bf16 on the CPU), as
+tokenizer.precision sets it (beit_scale/tokenizers/labeler.py). Each row: img/s, TFLOP/s and MFU per device (model
 FLOPs from models/flops.py; the peak from --peak-tflops or a measured bf16 matmul), peak GiB, and host syncs per
 step (calls of Tensor.item, __bool__ and tolist while the timed steps run). One JSON line per row on stdout, all
 rows to --out.
@@ -26,6 +27,7 @@ from beit_scale.engine.ds_config import build_ds_config
 from beit_scale.models import build_mim_model, get_spec
 from beit_scale.models.flops import backbone_flops, head_flops, train_flops
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch
+from beit_scale.tokenizers.labeler import Labeler
 from beit_scale.train.metrics import measure_peak_tflops
 from beit_scale.train.pretrain import pretrain_step, to_device
 from gpu_check import make_batch  # benchmarks/ is the script's folder
@@ -116,7 +118,7 @@ def rows_for(size: str, name: str, batch: int, args, info, syncs: SyncCounter, e
     def report(label, seconds, gib, per_step):
         tflops = flops / seconds / 1e12
         emit(model=name, size=size, row=label, batch=batch, precision=precision, img_s=round(batch / seconds, 1),
-             tflops=round(tflops, 2), mfu=round(tflops / peak, 3) if peak else None,
+             tflops=float(f"{tflops:.3g}"), mfu=round(tflops / peak, 3) if peak else None,
              peak_GiB=round(gib, 2) if gib is not None else None, host_syncs_per_step=per_step)
 
     def cfg(stage):
@@ -133,14 +135,16 @@ def rows_for(size: str, name: str, batch: int, args, info, syncs: SyncCounter, e
         report(f"plain PyTorch{', compiled' if compiled else ''}", *timed(step, batches, args.steps, args.warmup, syncs))
         del model, optimizer, step
     tokenizer = DiscreteVAE(DVAEArch(vocab_size=VOCAB, input_size=tok_px, downsample=8)).to(info.device).eval()
-    for stage, with_tokenizer in ((1, False), (2, False), (3, False), (1, True)):
+    # The labels at fp32 and at the reduced precision a GPU recipe may set (tokenizer.precision).
+    for stage, labels in ((1, None), (2, None), (3, None), (1, "fp32"), (1, "fp16" if CUDA else "bf16")):
         c = cfg(stage)
         torch.manual_seed(0)
         engine, _ = build_engine(build_mim_model(c.model, VOCAB), c.optim, build_ds_config(c, 1), 1000)
         if args.compile:
             engine.compile()
-        step = engine_step(engine, tokenizer if with_tokenizer else None, targets, info.device)
-        label = f"beit_scale ZeRO-{stage}{' + tokenizer' if with_tokenizer else ''}{', compiled' if args.compile else ''}"
+        labeler = labels and Labeler(tokenizer, labels, channels_last=CUDA, compile=args.compile)
+        step = engine_step(engine, labeler, targets, info.device)
+        label = f"beit_scale ZeRO-{stage}{f' + tokenizer {labels}' if labels else ''}{', compiled' if args.compile else ''}"
         report(label, *timed(step, batches, args.steps, args.warmup, syncs))
         del engine, step
         if CUDA:

@@ -109,6 +109,7 @@ class Run:
     schedule: Any = None
     dtype: torch.dtype = torch.float32
     loop: "Loop | None" = None
+    compiled: bool = False  # the model runs under torch.compile (engine.compile)
 
     @property
     def rank(self) -> int:
@@ -213,6 +214,7 @@ def start_engine(run: Run, model: nn.Module, groups: list[dict] | None) -> None:
     default = torch.cuda.is_available() and run.engine.zero_optimization_stage() <= 2  # ZeRO-3's hooks break graphs
     if cfg.engine.compile if cfg.engine.compile is not None else default:
         run.engine.compile()  # the module only; DeepSpeed's step stays eager
+        run.compiled = True
         log.info("the model is compiled with torch.compile (engine.compile; the first steps include compilation)")
 
 

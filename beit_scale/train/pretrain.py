@@ -19,6 +19,7 @@ from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, get_spec, masked_positions
 from beit_scale.models.flops import backbone_flops, head_flops, train_flops
 from beit_scale.tokenizers import codebook_stats
+from beit_scale.tokenizers.labeler import Labeler
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_mask_grid
 
@@ -94,15 +95,41 @@ class Pretrain(Task):
         return train_flops(backbone_flops(spec, self.img_size)
                            + head_flops(spec, run.cfg.masking.num_masked, self.tokenizer.vocab_size))
 
+    def start(self, run: Run) -> None:
+        precision = run.cfg.tokenizer.precision
+        self.labeler = Labeler(self.tokenizer, precision, channels_last=run.device.type == "cuda",
+                               compile=run.compiled)
+        self.agreement_checked = precision == "fp32"
+        log.info("the tokenizer labels in %s%s%s", precision if precision == "fp32" else
+                 f"{precision} autocast (its bottom stage in fp32)", ", channels-last" if self.labeler.channels_last
+                 else "", ", compiled" if run.compiled else "")
+
+    def check_agreement(self, run: Run, batch: dict) -> None:
+        """Once per process: how often the reduced-precision labels equal fp32's on this batch (one host sync)."""
+        views = batch["tokenizer_view"].to(run.device)
+        agree = self.labeler.agreement(views)
+        level = logging.WARNING if agree < 0.99 else logging.INFO
+        log.log(level, "tokenizer.precision=%s labels agree with fp32 on %.2f%% of the first batch's %d positions%s",
+                run.cfg.tokenizer.precision, 100 * agree, views.shape[0] * self.tokenizer.grid_size ** 2,
+                "" if agree >= 0.99 else "; below 99%: the targets are noisier than fp32's, set tokenizer.precision=fp32")
+        self.agreement_checked = True
+
     def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
         if step == 0 and run.rank == 0:
             save_mask_grid(batch, run.cfg.data.mean, run.cfg.data.std, run.layout.images / "masks.png", run.writer)
-        out = mim_forward(run.engine, self.tokenizer, batch, run.device, run.dtype)
+        if not self.agreement_checked:
+            self.check_agreement(run, batch)
+        out = mim_forward(run.engine, self.labeler, batch, run.device, run.dtype)
         return MicroStep(out.loss, {"mask_acc": out.hits.float().mean()}, out.targets)
 
     def step_done(self, run: Run, step: int, kept: list) -> None:
         for targets in kept:
             self.token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
+
+    def log_values(self, run: Run) -> dict[str, float]:
+        if run.cfg.tokenizer.precision == "fp32" or self.labeler.nonfinite is None:
+            return {}
+        return {"tokenizer_nonfinite": float(self.labeler.nonfinite)}  # > 0: an fp16 overflow, use fp32 or bf16
 
     def finish(self, run: Run, last: dict) -> dict:
         weights = full_state_dict(run.engine)
@@ -111,7 +138,7 @@ class Pretrain(Task):
             log.info("wrote %s", run.layout.model)
         summary = {"train_masked_token_accuracy": last.get("mask_acc", float("nan"))}
         if run.cfg.data.val_root:
-            summary.update(evaluate(run, self.tokenizer, self.mask_gen, self.img_size))
+            summary.update(evaluate(run, self.labeler, self.mask_gen, self.img_size))
         if dist.is_initialized():
             dist.all_reduce(self.token_counts)
         usage, perplexity = codebook_stats_from_counts(self.token_counts)

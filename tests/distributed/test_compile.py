@@ -1,5 +1,6 @@
 """engine.compile: the compiled engine (torch.compile through DeepSpeed's engine.compile, inductor on the CPU)
-trains exactly as the eager one: same losses and gradient norms at every step."""
+trains exactly as the eager one: same losses and gradient norms at every step. The tokenizer's labeller is
+compiled with it, so the same losses also prove the same labels."""
 import json
 import sys
 
@@ -26,6 +27,7 @@ def test_the_compiled_engine_gives_the_eager_losses(inputs, tmp_path):
                           "data.num_workers=0", f"engine.compile={str(compiled).lower()}"],
                          timeout=240, env=rank_env())
         assert ("the model is compiled with torch.compile" in proc.stderr) == compiled
+        assert ("the tokenizer labels in fp32, compiled" in proc.stderr) == compiled  # so equal losses: equal labels
         runs[compiled] = logged(out)
     assert sorted(runs[True]) == [1, 2, 3]
     for step, eager in runs[False].items():

@@ -53,7 +53,7 @@ def test_throughput_benchmark_smoke_writes_every_row_with_speed_and_syncs(tmp_pa
     assert rows[0]["device"] == "cpu" and not [r for r in rows if "error" in r]
     speed = {r["row"]: r for r in rows[1:]}
     assert set(speed) == {"plain PyTorch", "beit_scale ZeRO-1", "beit_scale ZeRO-2", "beit_scale ZeRO-3",
-                          "beit_scale ZeRO-1 + tokenizer"}
+                          "beit_scale ZeRO-1 + tokenizer fp32", "beit_scale ZeRO-1 + tokenizer bf16"}
     assert all(r["img_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None for r in speed.values())  # no CPU peak
     assert speed["plain PyTorch"]["host_syncs_per_step"] == 0
     assert speed["beit_scale ZeRO-1"]["host_syncs_per_step"] == speed["beit_scale ZeRO-2"]["host_syncs_per_step"] == 1

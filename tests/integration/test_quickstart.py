@@ -53,6 +53,22 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(ROOT / name, dest / name)
 
 
+def label_agreement(tokenizer_file: Path, heldout: Path, num_images: int = 512) -> dict[str, float]:
+    """Per precision, the fraction of token positions whose label equals fp32's, on held-out images."""
+    import torch
+
+    from beit_scale.checkpoint.tokenizer_file import load_tokenizer
+    from beit_scale.data import EvalTwoView, SafeImageFolder
+    from beit_scale.tokenizers.labeler import Labeler
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    images = SafeImageFolder(heldout)
+    view = EvalTwoView(tokenizer.input_size, tokenizer.input_size, tokenizer_pixel_map=tokenizer.map_pixels)
+    stride = max(1, len(images) // num_images)
+    views = torch.stack([view(images[i][0])[1] for i in range(0, len(images), stride)][:num_images])
+    return {p: Labeler(tokenizer, p).agreement(views) for p in ("fp16", "bf16")}
+
+
 def run_step(prefix: list[str], line: str, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     try:
         proc = subprocess.run([*prefix, "bash", "-euo", "pipefail", "-c", line], cwd=cwd, env=env,
@@ -107,5 +123,9 @@ def test_readme_non_root_install_runs_the_small_quickstart_from_a_named_folder()
         for run in ("tokenizer", "pretrain"):
             assert (out / run / "config.yaml").is_file() and list((out / run / "tensorboard").iterdir())
         assert (out / "tokenizer" / "images" / "reconstructions.png").is_file()
+        # The tokenizer at speed (tokenizer.precision): its reduced-precision labels against fp32 on the held-out
+        # images (measured on this recipe: fp16 99.93%, bf16 99.2%; without the fp32 bottom stage 98.7%, 91%).
+        agreement = label_agreement(out / "tokenizer" / "tokenizer.safetensors", out / "data" / "test")
+        assert agreement["fp16"] >= 0.99 and agreement["bf16"] >= 0.985, agreement
     finally:
         shutil.rmtree(home, ignore_errors=True)  # the venv holds several GB
