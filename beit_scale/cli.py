@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="zoo name, e.g. beit_large_patch16_224")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
     pl.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="sizes the gradient buckets by the node count")
+    pl.add_argument("--stages", default="1,2,3", help="ZeRO stages to consider, e.g. 3")
     pl.add_argument("--write", default=None, help="write the chosen ds_config JSON here")
     pp = sub.add_parser("pipeline", help="submit a chain of stages to Slurm (tokenizer -> pretrain -> ... -> ft1k)")
     pp.add_argument("chain", help="shipped chain name (beit_scale/recipes/chains/) or YAML path")
@@ -129,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(export_for_timm(args.source, args.out, args.timm_name, args.model), indent=2))
         elif args.command == "plan":
-            from beit_scale.engine.plan import format_plan, plan, write_plan
+            from beit_scale.engine.plan import format_plan, nodes_of, plan, write_plan
 
-            rows = plan(args.model, args.gpus, args.gpu_mem)
+            try:
+                stages = tuple(int(s) for s in args.stages.split(","))
+            except ValueError:
+                raise ValueError(f"--stages={args.stages!r}: a comma-separated list of ZeRO stages, e.g. 1,2,3") from None
+            nodes = nodes_of(args.gpus, args.gpus_per_node)
+            rows = plan(args.model, args.gpus, args.gpu_mem, stages=stages)
             print(format_plan(args.model, args.gpus, args.gpu_mem, rows))
             if args.write:
-                write_plan(rows, Path(args.write))
+                write_plan(rows, Path(args.write), args.model, nodes)
                 print(f"wrote {args.write}")
         elif args.command == "pipeline":
             from beit_scale.pipeline import load_chain, submit

@@ -7,6 +7,13 @@ transformer layer with fused (SDPA) attention: about 34 bytes per token per chan
 layer inputs (2 bytes) when blocks are recomputed, plus one layer's full set during recomputation.
 Speeds are relative factors measured on an H100 for beit_base (benchmarks/results): ZeRO-1 and ZeRO-2
 alike, ZeRO-3 about half, recomputation about 3/4, optimizer offload about 1/3.
+
+The ds_config written for the chosen set-up sizes DeepSpeed's knobs in transformer blocks, the unit the model
+computes in: gradient buckets of one block's parameters on one node and more across nodes (each collective
+over the network pays more latency, so fewer and larger ones), and at ZeRO-3 each block is a leaf module
+(gathered whole by one hook instead of one per linear), one block prefetched ahead, at most three blocks'
+parameters gathered at once. The shipped ds_configs/{base,large,giant}.json are this module's choice for
+the cluster in ``SHIPPED`` (tests/unit/test_plan.py keeps them so).
 """
 from __future__ import annotations
 
@@ -24,6 +31,18 @@ CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, allocator sl
 SPEED = {1: 1.0, 2: 0.98, 3: 0.53}  # relative throughput per ZeRO stage (H100, beit_base, 1 GPU)
 RECOMPUTE_SPEED = 0.75
 OFFLOAD_SPEED = 0.33
+BLOCK_CLASS = "timm.models.beit.Block"  # what ZeRO-3 gathers as one leaf module
+PREFETCH_BLOCKS = 1  # blocks' parameters fetched ahead of the one running
+LIVE_BLOCKS = 3  # at most this many blocks' parameters gathered at once: running, prefetched, being released
+GPUS_PER_NODE = 8
+
+# ds_config file -> (model, GPUs, GiB per GPU, GPUs per node) it was planned for: the recipes' reference clusters
+# (base: 64 GPUs at micro 32; large and giant: 128 at micro 16, global batch 2048) on 80 GB cards; giant_zero3
+# is the giant's fastest ZeRO-3 set-up on one node, for cards or resolutions where ZeRO-1 does not fit.
+SHIPPED = {"base.json": ("beit_base_patch16_224", 64, 80.0, 8),
+           "large.json": ("beit_large_patch16_224", 128, 80.0, 8),
+           "giant.json": ("beit_giant_patch14_224", 128, 80.0, 8),
+           "giant_zero3.json": ("beit_giant_patch14_224", 8, 80.0, 8)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,13 @@ def model_counts(name: str, vocab_size: int = 8192) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     largest = max([sum(p.numel() for p in m.parameters()) for m in model.blocks] + [model.lm_head.weight.numel()])
     return total, largest
+
+
+def block_params(name: str) -> int:
+    """Parameters of one transformer block of a zoo model (the unit of buckets and ZeRO-3 gathering)."""
+    with torch.device("meta"):
+        model = BeitMIM(get_spec(name), 8192)
+    return sum(p.numel() for p in model.blocks[0].parameters())
 
 
 def model_states_bytes(total: int, largest: int, stage: int, gpus: int, offload: bool) -> float:
@@ -78,14 +104,17 @@ def activation_bytes(name: str, micro_batch: int, grad_checkpointing: bool, num_
     return layers + head
 
 
-def plan(name: str, gpus: int, gpu_mem_gib: float, max_micro_batch: int = 256) -> list[Candidate]:
+def plan(name: str, gpus: int, gpu_mem_gib: float, max_micro_batch: int = 256,
+         stages: tuple[int, ...] = (1, 2, 3)) -> list[Candidate]:
     """Every set-up with the largest power-of-two micro batch that fits, fastest first (micro 0: does not fit)."""
     if gpus < 1 or gpu_mem_gib <= 0:
         raise ValueError(f"--gpus={gpus} must be >= 1 and --gpu-mem={gpu_mem_gib} > 0")
+    if not stages or set(stages) - {1, 2, 3}:
+        raise ValueError(f"--stages={','.join(map(str, stages))}: choose among the ZeRO stages 1, 2, 3")
     total, largest = model_counts(name)
     budget = gpu_mem_gib * GIB - CONTEXT_BYTES
     out = []
-    for stage in (1, 2, 3):
+    for stage in stages:
         for offload in (False, True):
             if offload and stage == 1:
                 continue  # DeepSpeed offloads the optimizer from ZeRO-2 on
@@ -103,10 +132,31 @@ def plan(name: str, gpus: int, gpu_mem_gib: float, max_micro_batch: int = 256) -
     return sorted(out, key=lambda c: (-c.relative_speed, -c.micro_batch))
 
 
-def ds_config_for(c: Candidate) -> dict:
-    """The ds_config (ZeRO, offload, precision only) for a chosen candidate."""
+def bucket_elements(block: int, nodes: int) -> int:
+    """Gradient bucket in parameters: one block's on one node, two up to 8 nodes, four beyond."""
+    return block * (1 if nodes <= 1 else 2 if nodes <= 8 else 4)
+
+
+def zero3_settings(block: int, embed_dim: int) -> dict:
+    """ZeRO-3 sized in blocks: each block a leaf module, one prefetched, LIVE_BLOCKS gathered at most; vectors
+    of up to 10 x width (norms, biases, layer scales) stay whole on every GPU."""
+    return {"leaf_module": {"classes": [BLOCK_CLASS]},
+            "stage3_prefetch_bucket_size": PREFETCH_BLOCKS * block,
+            "stage3_max_live_parameters": LIVE_BLOCKS * block,
+            "stage3_max_reuse_distance": LIVE_BLOCKS * block,
+            "stage3_param_persistence_threshold": 10 * embed_dim}
+
+
+def ds_config_for(c: Candidate, name: str, nodes: int = 1) -> dict:
+    """The ds_config (ZeRO, offload, buckets, precision only) for a chosen candidate of model ``name``."""
+    block = block_params(name)
+    bucket = bucket_elements(block, nodes)
     zero: dict = {"stage": c.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                  "reduce_bucket_size": 500_000_000}
+                  "reduce_bucket_size": bucket}
+    if c.zero_stage == 3:
+        zero.update(zero3_settings(block, get_spec(name).embed_dim))
+    else:
+        zero["allgather_bucket_size"] = bucket
     if c.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if c.zero_stage == 3:  # the estimate keeps only the largest gathered layer on the GPU
@@ -131,10 +181,23 @@ def format_plan(name: str, gpus: int, gpu_mem_gib: float, rows: list[Candidate])
     return "\n".join(lines)
 
 
-def write_plan(rows: list[Candidate], path: Path) -> None:
+def nodes_of(gpus: int, gpus_per_node: int) -> int:
+    if gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node={gpus_per_node} must be >= 1")
+    return -(-gpus // gpus_per_node)
+
+
+def shipped_ds_config(file: str) -> dict:
+    """What ``plan`` writes for a shipped ds_config's reference cluster (``SHIPPED``)."""
+    name, gpus, mem, per_node = SHIPPED[file]
+    stages = (3,) if "zero3" in file else (1, 2, 3)
+    return ds_config_for(plan(name, gpus, mem, stages=stages)[0], name, nodes_of(gpus, per_node))
+
+
+def write_plan(rows: list[Candidate], path: Path, name: str, nodes: int = 1) -> None:
     best = rows[0]
     if not best.fits:
         raise ValueError("no configuration fits; nothing written")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds_config_for(best), indent=2) + "\n")
+    path.write_text(json.dumps(ds_config_for(best, name, nodes), indent=2) + "\n")
     path.with_suffix(".plan.json").write_text(json.dumps([asdict(c) for c in rows], indent=1))

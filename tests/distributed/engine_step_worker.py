@@ -61,7 +61,8 @@ def train_engine(cfg, info, tokenizer):
         torch.distributed.all_reduce(t)
         losses.append(t.item() / info.world_size)
     param_dtype = str(next(engine.module.parameters()).dtype)
-    return full_state_dict(engine), losses, lrs, (engine.zero_optimization_stage(), param_dtype)
+    leaves = [bool(getattr(block, "_z3_leaf", False)) for block in engine.module.blocks]  # ds_configs/tiny.json
+    return full_state_dict(engine), losses, lrs, (engine.zero_optimization_stage(), param_dtype, all(leaves))
 
 
 def train_reference(cfg, world: int, tokenizer):
@@ -96,14 +97,16 @@ def main():
     result = {}
     for precision in ("fp32", "bf16"):
         cfg = config(stage, precision, info.world_size)
-        state, losses, lrs, (used_stage, dtype) = train_engine(cfg, info, tokenizer)
-        result[precision] = {"losses": losses, "lrs": lrs, "stage": used_stage, "dtype": dtype, "state": state}
+        state, losses, lrs, (used_stage, dtype, leaves) = train_engine(cfg, info, tokenizer)
+        result[precision] = {"losses": losses, "lrs": lrs, "stage": used_stage, "dtype": dtype, "state": state,
+                             "leaf_blocks": leaves}
     if info.rank == 0:
         ref_state, ref_losses, ref_lrs = train_reference(config(stage, "fp32", info.world_size), info.world_size, tokenizer)
         report = {"ref_losses": ref_losses, "ref_lrs": ref_lrs}
         for precision, r in result.items():
             diffs = {k: (r["state"][k] - ref_state[k]).abs().max().item() for k in ref_state}
             report[precision] = {"losses": r["losses"], "lrs": r["lrs"], "stage": r["stage"], "dtype": r["dtype"],
+                                 "leaf_blocks": r["leaf_blocks"],
                                  "max_weight_diff": max(diffs.values()),
                                  "max_weight_change": max((ref_state[k] - v).abs().max().item()
                                                           for k, v in fresh_model(cfg).state_dict().items()),

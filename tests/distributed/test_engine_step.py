@@ -15,6 +15,8 @@ def test_deepspeed_step_matches_plain_pytorch(stage, tmp_path):
     r = json.loads(out.read_text())
     fp32 = r["fp32"]
     assert fp32["stage"] == stage
+    # ds_configs/tiny.json makes every block a ZeRO-3 leaf module (gathered whole), as plan's ZeRO-3 configs do.
+    assert fp32["leaf_blocks"] and r["bf16"]["leaf_blocks"]
     # Same per-group learning rates every step (warmup from 0, then cosine).
     assert sum(fp32["lrs"], []) == pytest.approx(sum(r["ref_lrs"], []), rel=1e-6)
     assert r["ref_lrs"][0][0] == 0.0 and r["ref_lrs"][1][0] == pytest.approx(2e-3)

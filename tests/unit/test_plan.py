@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from beit_scale.engine.ds_config import load_ds_config
-from beit_scale.engine.plan import (GIB, activation_bytes, ds_config_for, model_counts, model_states_bytes, plan,
+from beit_scale.config import load_config
+from beit_scale.engine.plan import (CONTEXT_BYTES, GIB, SHIPPED, activation_bytes, block_params, bucket_elements,
+                                    ds_config_for, model_counts, model_states_bytes, plan, shipped_ds_config,
                                     write_plan)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +57,41 @@ def test_plan_picks_the_fastest_fitting_setup_and_writes_its_ds_config(tmp_path)
     best = giant_small[0]
     assert best.fits and best.offload_optimizer and best.total_gib <= 16
     assert not plan("beit_giant_patch14_224", 1, 1)[0].fits  # the CUDA context alone takes the 1 GiB
-    write_plan(rows, tmp_path / "ds.json")
-    assert json.loads((tmp_path / "ds.json").read_text()) == ds_config_for(rows[0])
+    write_plan(rows, tmp_path / "ds.json", "beit_base_patch16_224")
+    assert json.loads((tmp_path / "ds.json").read_text()) == ds_config_for(rows[0], "beit_base_patch16_224")
     assert load_ds_config(str(tmp_path / "ds.json"))["zero_optimization"]["stage"] == 1  # no recipe-owned keys
     with pytest.raises(ValueError, match="no configuration fits"):
-        write_plan(plan("beit_giant_patch14_224", 1, 1), tmp_path / "none.json")
+        write_plan(plan("beit_giant_patch14_224", 1, 1), tmp_path / "none.json", "beit_giant_patch14_224")
+
+
+def test_buckets_and_zero3_limits_are_sized_in_blocks_and_grow_with_the_node_count():
+    name = "beit_giant_patch14_224"
+    block = block_params(name)
+    d, h = 1408, 6144  # q/k/v + proj 4d^2, MLP 2dh; q and v biases, proj bias, 2 norms, fc biases, 2 layer scales
+    assert block == 4 * d * d + 2 * d * h + 10 * d + h
+    z3 = plan(name, 8, 80, stages=(3,))[0]
+    zero = ds_config_for(z3, name, nodes=1)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["leaf_module"] == {"classes": ["timm.models.beit.Block"]}
+    assert zero["stage3_prefetch_bucket_size"] == block and zero["stage3_max_live_parameters"] == 3 * block
+    assert zero["reduce_bucket_size"] == block and "allgather_bucket_size" not in zero
+    assert [bucket_elements(block, n) for n in (1, 2, 8, 9, 64)] == [block, 2 * block, 2 * block, 4 * block, 4 * block]
+    assert {r.zero_stage for r in plan(name, 8, 80, stages=(3,))} == {3}
+    with pytest.raises(ValueError, match="ZeRO stages 1, 2, 3"):
+        plan(name, 8, 80, stages=(4,))
+
+
+@pytest.mark.parametrize("file", sorted(SHIPPED))
+def test_each_shipped_ds_config_is_the_plans_choice_for_its_cluster(file):
+    assert json.loads((ROOT / "beit_scale/ds_configs" / file).read_text()) == shipped_ds_config(file)
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_base_in1k", "pretrain_large_in22k", "pretrain_giant_in22k",
+                                    "finetune_large_pt22k_ft22k", "finetune_giant_pt22k_ft22k"])
+def test_each_large_recipe_fits_an_80_gb_card_without_recomputation_at_zero_1(recipe):
+    cfg = load_config(recipe, [])
+    ds = json.loads((ROOT / "beit_scale" / cfg.engine.ds_config).read_text())
+    name, gpus = cfg.model.name, cfg.train.global_batch // (cfg.train.micro_batch * cfg.train.grad_accum)
+    assert ds["zero_optimization"]["stage"] == 1 and not cfg.model.grad_checkpointing
+    total, largest = model_counts(name)
+    need = model_states_bytes(total, largest, 1, gpus, False) + activation_bytes(name, cfg.train.micro_batch, False)
+    assert need + CONTEXT_BYTES < 0.8 * 80 * GIB, (recipe, gpus, need / GIB)
