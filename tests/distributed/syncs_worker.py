@@ -24,6 +24,8 @@ SETUPS = {  # the base recipe's engine (ds_configs/base.json: bf16 ZeRO-1, overl
     "bf16_zero2": ["engine.ds_config=ds_configs/base.json", "engine.zero_stage=2"],
     "fp32_zero1": ["engine.ds_config=ds_configs/tiny.json"],
     "fp32_zero0": ["engine.ds_config=ds_configs/tiny.json", "engine.zero_stage=0"],
+    # ZeRO-3 with tiny.json's leaf blocks and limits sized in blocks (engine/plan.py), as giant_zero3.json
+    "bf16_zero3": ["engine.ds_config=ds_configs/tiny.json", "engine.zero_stage=3", "engine.precision=bf16"],
 }
 counting, count = [False], [0]
 
