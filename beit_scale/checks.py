@@ -142,7 +142,16 @@ def _check_data(cfg: Config) -> None:
     for name in ("root", "val_root"):
         value = getattr(d, name)
         if value and not Path(value).is_dir():
-            raise ValueError(f"data.{name}={value!r} is not a folder; expected the ImageNet layout ROOT/<class>/<image>")
+            expected = ("the folder `beit-scale shard SRC OUT` wrote (OUT, holding manifest.json)"
+                        if d.format == "shards" else "the ImageNet layout ROOT/<class>/<image>")
+            raise ValueError(f"data.{name}={value!r} is not a folder; expected {expected}")
+        if value and d.format == "shards" and not (Path(value) / "manifest.json").is_file():
+            raise ValueError(f"data.{name}={value!r} holds no manifest.json; with data.format=shards it must be the "
+                             "OUT folder of a finished `beit-scale shard SRC OUT` (rerun that command to finish an "
+                             "interrupted conversion), or set data.format=folder for an ImageFolder")
+        if value and d.format == "folder" and (Path(value) / "manifest.json").is_file():
+            raise ValueError(f"data.{name}={value!r} holds tar shards (manifest.json); set data.format=shards to read "
+                             "them")
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
@@ -181,7 +190,12 @@ def _check_tokenizer_arch(cfg: Config, grid: int, img: int) -> None:
     check_token_grid(cfg.tokenizer.input_size, cfg.tokenizer.downsample, img, get_spec(cfg.model.name).patch_size)
 
 
-def _class_folders(root: str) -> list[str]:
+def _class_folders(root: str, data_format: str = "folder") -> list[str]:
+    """The class names of a data root: its sorted class folders, or the shards manifest's classes."""
+    if data_format == "shards":
+        from beit_scale.data.shards import read_manifest
+
+        return read_manifest(root)["classes"]
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
 
 
@@ -241,11 +255,11 @@ def _check_finetune(cfg: Config, grid: int = 0, img: int = 0) -> None:
             raise ValueError("finetune.ema_decay needs engine.zero_stage <= 2: at ZeRO-3 each rank holds only a slice "
                              "of the weights, so an EMA would gather the whole model every step; set "
                              "finetune.ema_decay=0 or engine.zero_stage=2")
-    classes = _class_folders(cfg.data.root)
+    classes = _class_folders(cfg.data.root, cfg.data.format)
     if f.num_classes and f.num_classes != len(classes):
         raise ValueError(f"finetune.num_classes={f.num_classes} but data.root={cfg.data.root!r} has {len(classes)} "
                          f"class folders; set finetune.num_classes={len(classes)} (or 0 to count them)")
-    if cfg.data.val_root and _class_folders(cfg.data.val_root) != classes:
+    if cfg.data.val_root and _class_folders(cfg.data.val_root, cfg.data.format) != classes:
         raise ValueError(f"data.val_root={cfg.data.val_root!r} must hold the same class folders as data.root "
                          f"(labels are the sorted folder names); they differ")
     if f.init_from:

@@ -71,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                     help="extra sbatch option for every stage, e.g. --sbatch=--account=abc (repeatable)")
     pp.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+    sh = sub.add_parser("shard", help="image folder, file list or per-class tars -> tar shards with an offset index",
+                        description="Pack images into WebDataset-layout tar shards ({key}.<ext>: the source bytes; "
+                        "{key}.cls: the class index) plus OUT/manifest.json (classes, per shard its samples, byte "
+                        "offsets, sizes and sha256, and the unreadable images left out). Rerunning the same command "
+                        "resumes an interrupted conversion. Train on it with data.format=shards data.root=OUT.")
+    sh.add_argument("src", help="an ImageFolder (SRC/<class>/<image>), a folder of per-class tars (SRC/<class>.tar, "
+                    "the ImageNet-22k release) or a text file with one `path<TAB>class_name` per line")
+    sh.add_argument("out", help="output folder: new, empty, or an interrupted conversion of the same SRC to resume")
+    sh.add_argument("--shard-size", type=float, default=1000.0, metavar="MB",
+                    help="target size of each shard in MB (10^6 bytes; default 1000)")
+    sh.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes reading, checking and writing (default: the CPUs available); the shards do not "
+                    "depend on it")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -149,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             for rec in submit(load_chain(args.chain), args.sbatch, args.dry_run):
                 detail = rec.get("job") or rec.get("output") or shlex.join(rec.get("command", []))
                 print(f"{rec['stage']}: {rec['status']} {detail}")
+        elif args.command == "shard":
+            from beit_scale.data.shards import write_shards
+
+            manifest = write_shards(args.src, args.out, args.shard_size, args.workers)
+            print(f"{Path(args.out) / 'manifest.json'}: {manifest['num_samples']} images of {len(manifest['classes'])} "
+                  f"classes in {len(manifest['shards'])} shards; {len(manifest['corrupt'])} unreadable images left out")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 

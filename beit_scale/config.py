@@ -70,8 +70,9 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""  # ImageFolder root (ROOT/<class>/<image>) of the training images
-    val_root: str = ""  # ImageFolder of held-out images for evaluation; empty = none
+    format: Literal["folder", "shards"] = "folder"  # root/val_root are ImageFolders, or `beit-scale shard` outputs
+    root: str = ""  # training images: ImageFolder root (ROOT/<class>/<image>), or shards folder holding manifest.json
+    val_root: str = ""  # held-out images for evaluation, in data.format like root; empty = none
     num_workers: int = 4  # data loader processes per rank
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
     hflip: float = 0.5  # horizontal flip probability

@@ -26,3 +26,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shards_of(tmp_path_factory):
+    """Factory: the tar shards `beit-scale shard` makes of an image folder, converted once per session."""
+    from beit_scale.data import write_shards
+
+    made = {}
+
+    def make(folder, shard_size_mb: float = 0.05):
+        key = (str(folder), shard_size_mb)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("shards")
+            write_shards(folder, made[key], shard_size_mb, workers=2)
+        return made[key]
+
+    return make

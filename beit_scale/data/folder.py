@@ -9,6 +9,7 @@ same bad file always maps to the same substitute in every worker and every proce
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -49,6 +50,17 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
+    return _as_rgb(img)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """`load_rgb` for an image file's bytes (a member of a tar shard): same decode, same errors."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return _as_rgb(img)
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):  # 16-bit: convert("RGB") would clip every value above 255 to white
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
     elif img.mode in ("I", "F"):
@@ -64,7 +76,80 @@ def _special(path: str) -> bool:
         return False
 
 
-class SafeImageFolder(torchvision.datasets.ImageFolder):
+class SkipUnreadable:
+    """Mixin for image datasets: an unreadable sample is replaced by the next readable index.
+
+    The dataset names each sample (`_sample_name`, e.g. its path) and reads it (`_read_sample`, raising one of
+    PIL's decode errors for a bad image); this `__getitem__` then skips unreadable samples deterministically
+    (idx+1, idx+2, ... modulo the length), logs each name at WARNING once per process, records it in
+    `bad_paths` (so it is not decoded again), gives up after `max_consecutive_failures` bad samples in a row,
+    and applies `transform` and `target_transform` to the substitute. Call `_init_skipping` in `__init__`.
+    """
+
+    # Names already warned about in this process, shared by all instances so a name is logged only once.
+    _warned_paths: ClassVar[set[str]] = set()
+    root: Any
+    transform: Callable[[Any], Any] | None
+    target_transform: Callable[[int], Any] | None
+
+    def _init_skipping(self, max_consecutive_failures: int) -> None:
+        if max_consecutive_failures < 0:
+            raise ValueError(f"max_consecutive_failures={max_consecutive_failures} must be >= 0")
+        self.max_consecutive_failures = max_consecutive_failures
+        self.bad_paths: set[str] = set()
+
+    def _sample_name(self, index: int) -> str:
+        """What names sample `index` in warnings, errors and `bad_paths` (a path, or a shard member)."""
+        raise NotImplementedError
+
+    def _read_sample(self, index: int) -> tuple[Image.Image, int]:
+        """``(RGB image, class index)`` of `index`; raises one of `_DECODE_ERRORS` when it is unreadable."""
+        raise NotImplementedError
+
+    def _mark_bad(self, name: str, err: BaseException) -> None:
+        self.bad_paths.add(name)
+        if name not in SkipUnreadable._warned_paths:
+            SkipUnreadable._warned_paths.add(name)
+            logger.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Return ``(image, target)`` of `index`, or of the next readable index if it is unreadable.
+
+        Raises:
+            IndexError: `index` is out of range.
+            RuntimeError: More than `max_consecutive_failures` consecutive images are unreadable.
+        """
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        index %= n
+        tried: list[str] = []
+        for offset in range(n):
+            name = self._sample_name((index + offset) % n)
+            if name not in self.bad_paths:
+                try:
+                    img, target = self._read_sample((index + offset) % n)
+                except _DECODE_ERRORS as err:
+                    self._mark_bad(name, err)
+                else:
+                    break
+            tried.append(name)
+            if len(tried) > self.max_consecutive_failures:
+                raise RuntimeError(
+                    f"{len(tried)} consecutive images from index {index} are unreadable "
+                    f"(max_consecutive_failures={self.max_consecutive_failures}); check the dataset files: "
+                    f"{tried}"
+                )
+        else:
+            raise RuntimeError(f"all {n} images under {self.root} are unreadable: {tried}")
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+class SafeImageFolder(SkipUnreadable, torchvision.datasets.ImageFolder):
     """`torchvision.datasets.ImageFolder` that skips unreadable images deterministically.
 
     Samples are ``(image, class_index)`` as in ImageFolder, images decoded as RGB. An image that cannot be
@@ -84,9 +169,6 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         ValueError: `root` is not a directory, has no class folders, or holds no images.
     """
 
-    # Paths already warned about in this process, shared by all instances so a path is logged only once.
-    _warned_paths: ClassVar[set[str]] = set()
-
     def __init__(
         self,
         root: str | Path,
@@ -94,8 +176,7 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         target_transform: Callable[[int], Any] | None = None,
         max_consecutive_failures: int = 32,
     ) -> None:
-        if max_consecutive_failures < 0:
-            raise ValueError(f"max_consecutive_failures={max_consecutive_failures} must be >= 0")
+        self._init_skipping(max_consecutive_failures)
         root = Path(root).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"dataset root {root} does not exist; {_LAYOUT_HINT}")
@@ -119,8 +200,6 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         empty = sorted(set(self.classes) - {self.classes[t] for _, t in self.samples})
         if empty:
             logger.warning("%d class folders under %s hold no images: %s", len(empty), root, empty[:10])
-        self.max_consecutive_failures = max_consecutive_failures
-        self.bad_paths: set[str] = set()
 
     @staticmethod
     def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
@@ -166,47 +245,15 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
                 logger.warning("%s: left out %d %s, e.g. %s", directory, len(paths), what, paths[:3])
         return instances
 
-    def _mark_bad(self, path: str, err: BaseException) -> None:
-        self.bad_paths.add(path)
-        if path not in SafeImageFolder._warned_paths:
-            SafeImageFolder._warned_paths.add(path)
-            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+    def __len__(self) -> int:
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        """Return ``(image, target)`` of `index`, or of the next readable index if it is unreadable.
+    def _sample_name(self, index: int) -> str:
+        return self.samples[index][0]
 
-        Raises:
-            IndexError: `index` is out of range.
-            RuntimeError: More than `max_consecutive_failures` consecutive images are unreadable.
-        """
-        n = len(self.samples)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for a dataset of {n} images")
-        index %= n
-        tried: list[str] = []
-        for offset in range(n):
-            path, target = self.samples[(index + offset) % n]
-            if path not in self.bad_paths:
-                try:
-                    img = self.loader(path)
-                except _DECODE_ERRORS as err:
-                    self._mark_bad(path, err)
-                else:
-                    break
-            tried.append(path)
-            if len(tried) > self.max_consecutive_failures:
-                raise RuntimeError(
-                    f"{len(tried)} consecutive images from index {index} are unreadable "
-                    f"(max_consecutive_failures={self.max_consecutive_failures}); check the dataset files: "
-                    f"{tried}"
-                )
-        else:
-            raise RuntimeError(f"all {n} images under {self.root} are unreadable: {tried}")
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
+    def _read_sample(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return self.loader(path), target
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root!r}, num_images={len(self)}, num_classes={len(self.classes)})"

@@ -16,7 +16,7 @@ from beit_scale.checkpoint import RunLayout
 from beit_scale.checkpoint.export import WeightsSource, describe_source, materialize_source
 from beit_scale.checkpoint.files import committed_tags
 from beit_scale.config import Config
-from beit_scale.data import ClassificationSet, SafeImageFolder, class_balanced_subset, eval_shard
+from beit_scale.data import ClassificationSet, class_balanced_subset, eval_shard, open_images
 from beit_scale.train.driver import Run, Task
 from beit_scale.train.metrics import log_eval
 
@@ -45,7 +45,7 @@ def eval_transform(cfg: Config, img_size: int):
 def val_loader(cfg: Config, img_size: int, info) -> Optional[DataLoader]:
     if not cfg.data.val_root:
         return None
-    base = SafeImageFolder(cfg.data.val_root)
+    base = open_images(cfg.data, cfg.data.val_root)
     indices, valid = eval_shard(len(base), info.rank, info.world_size)
     dataset = ClassificationSet(base, indices, eval_transform(cfg, img_size), cfg.run.seed, valid)
     return DataLoader(dataset, batch_size=cfg.train.micro_batch, num_workers=cfg.data.num_workers, shuffle=False,
@@ -109,7 +109,7 @@ class ClassifierTask(Task):
     def build(self, run: Run):
         cfg = run.cfg
         _, self.img_size = patch_grid(cfg)
-        self.base = SafeImageFolder(cfg.data.root)
+        self.base = open_images(cfg.data, cfg.data.root)
         self.num_classes = cfg.finetune.num_classes or len(self.base.classes)
         self.indices = class_balanced_subset(self.base.targets, cfg.finetune.train_fraction, cfg.run.seed)
         model, groups = self.build_model(run)

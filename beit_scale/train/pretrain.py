@@ -13,7 +13,7 @@ from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.config import Config
-from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform, make_loader
+from beit_scale.data import EvalTwoView, MIMDataset, TwoViewTransform, make_loader, open_images
 from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, get_spec, masked_positions
@@ -87,7 +87,7 @@ class Pretrain(Task):
         transform = TwoViewTransform(self.img_size, tok.input_size, scale=d.crop_scale, hflip=d.hflip,
                                      color_jitter=d.color_jitter, mean=d.mean, std=d.std,
                                      tokenizer_pixel_map=tok.map_pixels)
-        return MIMDataset(SafeImageFolder(d.root), transform, self.mask_gen, run.cfg.run.seed)
+        return MIMDataset(open_images(d, d.root), transform, self.mask_gen, run.cfg.run.seed)
 
     def flops_per_image(self, run: Run) -> float:
         """The BEiT's (the tokenizer's labelling is not counted): blocks over every patch, head on the masked."""
@@ -163,7 +163,7 @@ def evaluate(run: Run, tokenizer, mask_gen, img_size: int) -> dict:
     cfg, d = run.cfg, run.cfg.data
     transform = EvalTwoView(img_size, tokenizer.input_size, mean=d.mean, std=d.std,
                             tokenizer_pixel_map=tokenizer.map_pixels)
-    val_set = MIMDataset(SafeImageFolder(d.val_root), transform, mask_gen, cfg.run.seed + 1)
+    val_set = MIMDataset(open_images(d, d.val_root), transform, mask_gen, cfg.run.seed + 1)
     loader = make_loader(val_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=False)
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     total = torch.zeros_like(correct)

@@ -10,7 +10,7 @@ from beit_scale.checkpoint import RunLayout
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
 from beit_scale.config import Config
-from beit_scale.data import EvalTwoView, MIMDataset, SafeImageFolder, TwoViewTransform
+from beit_scale.data import EvalTwoView, MIMDataset, TwoViewTransform, open_images
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_reconstructions
@@ -36,7 +36,7 @@ class TrainTokenizer(Task):
         # The tokenizer reads only its own view; the patch view is made at the same size and ignored.
         transform = TwoViewTransform(t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
                                      color_jitter=d.color_jitter, tokenizer_pixel_map=self.model.map_pixels)
-        return MIMDataset(SafeImageFolder(d.root), transform, None, run.cfg.run.seed)
+        return MIMDataset(open_images(d, d.root), transform, None, run.cfg.run.seed)
 
     def begin_step(self, run: Run, step: int) -> None:
         t = run.cfg.tokenizer
@@ -91,7 +91,7 @@ def evaluate_tokenizer(tokenizer: DiscreteVAE, cfg: Config, layout: RunLayout, w
     """Codebook usage, perplexity and hard-token reconstruction error on held-out (else training) images."""
     d, t = cfg.data, cfg.tokenizer
     transform = EvalTwoView(t.input_size, t.input_size, tokenizer_pixel_map=tokenizer.map_pixels)
-    dataset = MIMDataset(SafeImageFolder(d.val_root or d.root), transform, None, cfg.run.seed)
+    dataset = MIMDataset(open_images(d, d.val_root or d.root), transform, None, cfg.run.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch, num_workers=d.num_workers)
     ids, errors = [], []
     for i, batch in enumerate(loader):

@@ -16,9 +16,10 @@ EXTEND = "checkpoint.allow_changes=[train.total_steps]"  # a relaunch that train
 
 
 def command(inputs, out, stage, precision="fp32", *extra, nproc=2):
-    data, tok = inputs
+    data, tok, data_format = (*inputs, "folder")[:3]
     return torchrun(nproc, "-m", "beit_scale.cli", "pretrain", "--config", "quickstart_pretrain",
-                    f"run.output_dir={out}", f"data.root={data}", f"tokenizer.path={tok}", "data.num_workers=1",
+                    f"run.output_dir={out}", f"data.root={data}", f"data.format={data_format}", f"tokenizer.path={tok}",
+                    "data.num_workers=1",
                     "model.drop_path=0.1",  # stochastic depth draws from the RNG that must be restored
                     f"engine.zero_stage={stage}", f"engine.precision={precision}", "train.micro_batch=4",
                     f"train.grad_accum={4 // nproc}", "train.global_batch=16", f"train.total_steps={STEPS}", "train.log_every=1",
@@ -60,6 +61,11 @@ def baseline(inputs, tmp_path_factory, stage, precision="fp32"):
     return _BASELINES[key]
 
 
+def read_from(inputs, data_format, shards_of):
+    """The inputs with the images read from the folder, or from its tar shards (`beit-scale shard`, made once)."""
+    return inputs if data_format == "folder" else (shards_of(inputs[0]), inputs[1], "shards")
+
+
 def kill_and_resume(inputs, out, stage, fault, precision="fp32"):
     killed = subprocess.run(command(inputs, out, stage, precision), env=rank_env(BEIT_SCALE_FAULT=fault),
                             capture_output=True, text=True, timeout=240)
@@ -68,17 +74,17 @@ def kill_and_resume(inputs, out, stage, fault, precision="fp32"):
     return run_ranks(command(inputs, out, stage, precision), timeout=240)
 
 
-@pytest.mark.parametrize("stage, fault, resumed_from", [
-    (1, "after_step@5", 4),      # killed between checkpoints
-    (2, "mid_file@4", 2),        # a shard cut in half, no manifest: step 4 never counts
-    (3, "after_shards@4", 2),    # every file written, no manifest
-    (1, "before_files@4", 2),    # save began, nothing written
-    (2, "after_manifest@4", 4),  # manifest written (complete), pointer not yet replaced
+@pytest.mark.parametrize("stage, fault, resumed_from, data_format", [
+    (1, "after_step@5", 4, "shards"),      # killed between checkpoints; images read from tar shards
+    (2, "mid_file@4", 2, "folder"),        # a shard cut in half, no manifest: step 4 never counts
+    (3, "after_shards@4", 2, "folder"),    # every file written, no manifest
+    (1, "before_files@4", 2, "folder"),    # save began, nothing written
+    (2, "after_manifest@4", 4, "folder"),  # manifest written (complete), pointer not yet replaced
 ])
 def test_kill_and_relaunch_gives_identical_losses_and_data_order(inputs, tmp_path_factory, tmp_path, stage, fault,
-                                                                 resumed_from):
-    full = baseline(inputs, tmp_path_factory, stage)
-    proc = kill_and_resume(inputs, tmp_path, stage, fault)
+                                                                 resumed_from, data_format, shards_of):
+    full = baseline(inputs, tmp_path_factory, stage)  # from the folder: shards must give the very same run
+    proc = kill_and_resume(read_from(inputs, data_format, shards_of), tmp_path, stage, fault)
     assert f"resumed from {tmp_path / 'checkpoints'}/step_{resumed_from:09d} at step {resumed_from}" in proc.stderr
     assert "restart 1" in proc.stderr
     assert losses(tmp_path) == losses(full)  # exact in fp32
@@ -264,25 +270,26 @@ def global_batches(out, world, steps=range(1, STEPS + 1)):
     return {s: sorted(ids) for s, ids in batches.items()}
 
 
-@pytest.mark.parametrize("stage, saved, resumed, fault, resumed_from, precision", [
-    (3, 2, 1, "after_step@5", 4, "fp32"),  # ZeRO-3 universal load: layer groups and AdamW steps must be put right
-    (1, 1, 2, "after_step@3", 2, "fp32"),
-    (0, 2, 1, "after_step@3", 2, "fp32"),
-    (2, 2, 1, "after_step@3", 2, "bf16"),  # the large recipe's set-up
+@pytest.mark.parametrize("stage, saved, resumed, fault, resumed_from, precision, data_format", [
+    (3, 2, 1, "after_step@5", 4, "fp32", "folder"),  # ZeRO-3 universal load: layer groups, AdamW steps put right
+    (1, 1, 2, "after_step@3", 2, "fp32", "shards"),  # images read from tar shards
+    (0, 2, 1, "after_step@3", 2, "fp32", "folder"),
+    (2, 2, 1, "after_step@3", 2, "bf16", "folder"),  # the large recipe's set-up
 ])
 def test_resume_on_another_number_of_ranks(inputs, tmp_path_factory, tmp_path, stage, saved, resumed, fault,
-                                           resumed_from, precision):
+                                           resumed_from, precision, data_format, shards_of):
     """2 -> 1 and 1 -> 2 ranks through the universal checkpoint: same global batches, same losses (fp32,
     up to the order of the reductions), whatever the world size. No stochastic depth: its draws are per rank."""
     key = ("nodrop", precision)  # one reference per precision: in fp32 ZeRO changes only reduction order
     if key not in _BASELINES:
         _BASELINES[key] = tmp_path_factory.mktemp(f"full_nodrop_{precision}")
         run_ranks(command(inputs, _BASELINES[key], stage, precision, "model.drop_path=0.0"), timeout=240)
-    full = _BASELINES[key]
-    killed = subprocess.run(command(inputs, tmp_path, stage, precision, "model.drop_path=0.0", nproc=saved),
+    full = _BASELINES[key]  # from the folder
+    data = read_from(inputs, data_format, shards_of)
+    killed = subprocess.run(command(data, tmp_path, stage, precision, "model.drop_path=0.0", nproc=saved),
                             env=rank_env(BEIT_SCALE_FAULT=fault), capture_output=True, text=True, timeout=240)
     assert killed.returncode != 0 and "fault hook: killing rank 0" in killed.stderr
-    proc = run_ranks(command(inputs, tmp_path, stage, precision, "model.drop_path=0.0", nproc=resumed), timeout=240)
+    proc = run_ranks(command(data, tmp_path, stage, precision, "model.drop_path=0.0", nproc=resumed), timeout=240)
     assert (f"resumed from {tmp_path / 'checkpoints'}/step_{resumed_from:09d} at step {resumed_from}, saved by "
             f"{saved} ranks, re-partitioned for {resumed}") in proc.stderr
     before, after = range(1, resumed_from + 1), range(resumed_from + 1, STEPS + 1)

@@ -25,8 +25,9 @@ def folders(tmp_path):
 
 
 def job_config(recipe, folders, *overrides, world=None):
-    """The recipe with local data and no init_from, validated for the world size its batch comments give."""
-    cfg = load_config(recipe, [f"data.root={folders['train']}", f"data.val_root={folders['val']}",
+    """The recipe with local data (ImageFolders, also where the recipe reads shards) and no init_from, validated for
+    the world size its batch comments give."""
+    cfg = load_config(recipe, [f"data.root={folders['train']}", f"data.val_root={folders['val']}", "data.format=folder",
                                "finetune.init_from=", "finetune.num_classes=0", *overrides])
     t = cfg.train
     return cfg, world or t.global_batch // (t.micro_batch * t.grad_accum)
@@ -45,6 +46,7 @@ def test_the_chain_recipes_point_at_each_other_with_the_papers_numbers(size):
     ft22k = load_config(f"finetune_{size}_pt22k_ft22k")
     ft1k = load_config(f"finetune_{size}_pt22k_ft22k_ft1k")
     assert (ft22k.run.name, ft1k.run.name) == ("pt22k_ft22k", "pt22k_ft22k_ft1k")
+    assert (ft22k.data.format, ft1k.data.format) == ("shards", "folder")  # 22k as tar shards, 1k as its folders
     assert ft1k.finetune.init_from == ft22k.run.output_dir  # the chain, without editing files
     assert (ft22k.finetune.num_classes, ft1k.finetune.num_classes) == (21841, 1000)
     assert ft22k.model.name == ft1k.model.name and ft22k.model.name.startswith(f"beit_{size}_")
