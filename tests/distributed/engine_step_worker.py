@@ -16,6 +16,7 @@ from beit_scale.config import load_config
 from beit_scale.engine.core import StepSchedule, build_engine, build_optimizer, engine_dtype
 from beit_scale.engine.dist import init_distributed
 from beit_scale.engine.ds_config import build_ds_config
+from beit_scale.engine.syncs import fused_global_norm
 from beit_scale.models import build_mim_model
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch
 from beit_scale.train.pretrain import pretrain_step
@@ -49,7 +50,7 @@ def fresh_model(cfg):
 
 def train_engine(cfg, info, tokenizer):
     engine, schedule = build_engine(fresh_model(cfg), cfg.optim, build_ds_config(cfg, info.world_size), STEPS)
-    dtype, losses, lrs = engine_dtype(engine), [], []
+    dtype, losses, lrs, norms = engine_dtype(engine), [], [], []
     for step in range(STEPS):
         schedule.apply(step)
         lrs.append([g["lr"] for g in engine.optimizer.param_groups])
@@ -60,16 +61,20 @@ def train_engine(cfg, info, tokenizer):
         t = torch.tensor(step_loss)
         torch.distributed.all_reduce(t)
         losses.append(t.item() / info.world_size)
+        norm = engine.get_global_grad_norm()  # None at ZeRO-0 in fp32: DeepSpeed clips without keeping it
+        norms.append(None if norm is None else float(norm))
     param_dtype = str(next(engine.module.parameters()).dtype)
     leaves = [bool(getattr(block, "_z3_leaf", False)) for block in engine.module.blocks]  # ds_configs/tiny.json
-    return full_state_dict(engine), losses, lrs, (engine.zero_optimization_stage(), param_dtype, all(leaves))
+    fused = getattr(getattr(engine.optimizer, "scaled_global_norm", None), "__func__", None) is fused_global_norm
+    return full_state_dict(engine), losses, (lrs, norms), (engine.zero_optimization_stage(), param_dtype, all(leaves),
+                                                          fused)
 
 
 def train_reference(cfg, world: int, tokenizer):
     model = fresh_model(cfg)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = StepSchedule(optimizer, cfg.optim, STEPS)
-    losses, lrs = [], []
+    losses, lrs, norms = [], [], []
     for step in range(STEPS):
         schedule.apply(step)
         lrs.append([g["lr"] for g in optimizer.param_groups])
@@ -82,10 +87,10 @@ def train_reference(cfg, world: int, tokenizer):
                 loss = F.cross_entropy(model(b["image"], b["mask"]), targets) / (world * ACCUM)
                 loss.backward()
                 total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)))
         optimizer.step()
         losses.append(total)
-    return {k: v.detach() for k, v in model.state_dict().items()}, losses, lrs
+    return {k: v.detach() for k, v in model.state_dict().items()}, losses, (lrs, norms)
 
 
 def main():
@@ -97,15 +102,17 @@ def main():
     result = {}
     for precision in ("fp32", "bf16"):
         cfg = config(stage, precision, info.world_size)
-        state, losses, lrs, (used_stage, dtype, leaves) = train_engine(cfg, info, tokenizer)
-        result[precision] = {"losses": losses, "lrs": lrs, "stage": used_stage, "dtype": dtype, "state": state,
-                             "leaf_blocks": leaves}
+        state, losses, (lrs, norms), (used_stage, dtype, leaves, fused) = train_engine(cfg, info, tokenizer)
+        result[precision] = {"losses": losses, "lrs": lrs, "grad_norms": norms, "stage": used_stage, "dtype": dtype,
+                             "state": state, "leaf_blocks": leaves, "fused_norm": fused}
     if info.rank == 0:
-        ref_state, ref_losses, ref_lrs = train_reference(config(stage, "fp32", info.world_size), info.world_size, tokenizer)
-        report = {"ref_losses": ref_losses, "ref_lrs": ref_lrs}
+        ref_state, ref_losses, (ref_lrs, ref_norms) = train_reference(config(stage, "fp32", info.world_size),
+                                                                      info.world_size, tokenizer)
+        report = {"ref_losses": ref_losses, "ref_lrs": ref_lrs, "ref_grad_norms": ref_norms}
         for precision, r in result.items():
             diffs = {k: (r["state"][k] - ref_state[k]).abs().max().item() for k in ref_state}
             report[precision] = {"losses": r["losses"], "lrs": r["lrs"], "stage": r["stage"], "dtype": r["dtype"],
+                                 "grad_norms": r["grad_norms"], "fused_norm": r["fused_norm"],
                                  "leaf_blocks": r["leaf_blocks"],
                                  "max_weight_diff": max(diffs.values()),
                                  "max_weight_change": max((ref_state[k] - v).abs().max().item()
