@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 detail = rec.get("job") or rec.get("output") or shlex.join(rec.get("command", []))
                 print(f"{rec['stage']}: {rec['status']} {detail}")
         elif args.command == "shard":
-            from beit_scale.data.shards import write_shards
+            from beit_scale.data.shard_writer import write_shards
 
             manifest = write_shards(args.src, args.out, args.shard_size, args.workers)
             print(f"{Path(args.out) / 'manifest.json'}: {manifest['num_samples']} images of {len(manifest['classes'])} "

@@ -7,7 +7,8 @@ from beit_scale.data.folder import SafeImageFolder
 from beit_scale.data.loader import make_loader
 from beit_scale.data.mim import MIMDataset
 from beit_scale.data.sampler import ResumableDistributedSampler
-from beit_scale.data.shards import ShardDataset, write_shards
+from beit_scale.data.shard_writer import write_shards
+from beit_scale.data.shards import ShardDataset
 from beit_scale.data.source import open_images
 from beit_scale.data.transforms import EvalTwoView, TwoViewTransform
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from beit_scale.config import DataConfig, load_config
 from beit_scale.data import MIMDataset, SafeImageFolder, ShardDataset, TwoViewTransform, export_fashion_mnist
 from beit_scale.data import open_images, write_shards
-from beit_scale.data import shards as shards_module
+from beit_scale.data import shard_writer
 from beit_scale.data.shards import MANIFEST, iter_members
 from beit_scale.masking import build_mask_generator
 
@@ -72,7 +72,7 @@ def test_shards_hold_every_image_once_with_its_label_and_original_bytes(folder, 
     seen = []
     for shard in manifest["shards"]:
         path, cols = out / shard["name"], shard["samples"]
-        assert path.stat().st_size == shard["size"] and shards_module.sha256(path) == shard["sha256"]
+        assert path.stat().st_size == shard["size"] and shard_writer.sha256(path) == shard["sha256"]
         members = dict(iter_members(path))  # the WebDataset view: {key}.png and {key}.cls
         assert len(members) == 2 * shard["num_samples"]
         with open(path, "rb") as f:
@@ -125,7 +125,7 @@ def test_a_corrupt_source_image_is_left_out_and_listed_with_its_reason(folder, t
     (src / "coat" / "99990.png").write_bytes(png[: len(png) // 2])  # truncated
     (src / "sneaker" / "99991.jpg").write_bytes(b"not an image" * 20)
     (src / "sneaker" / "99992.png").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="beit_scale.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="beit_scale.data.shard_writer"):
         manifest = write_shards(src, tmp_path / "out", 0.01, workers=2)
     reasons = {bad["source"]: bad["reason"] for bad in manifest["corrupt"]}
     assert set(reasons) == {"coat/99990.png", "sneaker/99991.jpg", "sneaker/99992.png"}
@@ -141,7 +141,7 @@ def test_a_corrupt_source_image_is_left_out_and_listed_with_its_reason(folder, t
 def _killed_conversion(src: Path, out: Path, after: int) -> None:
     """Convert with one process that dies (SIGKILL) while reading its ``after``-th image."""
     calls = [0]
-    decode = shards_module.decode_rgb
+    decode = shard_writer.decode_rgb
 
     def dying(data):
         calls[0] += 1
@@ -149,7 +149,7 @@ def _killed_conversion(src: Path, out: Path, after: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return decode(data)
 
-    shards_module.decode_rgb = dying  # in the child only
+    shard_writer.decode_rgb = dying  # in the child only
     write_shards(src, out, SIZE_MB, workers=1)
 
 
@@ -171,7 +171,7 @@ def test_a_killed_conversion_resumes_to_the_manifest_of_an_uninterrupted_run(fol
     damaged = bytearray((out / "shard-000001.tar").read_bytes())  # same size, one byte altered
     damaged[len(damaged) // 3] ^= 0xFF
     (out / "shard-000001.tar").write_bytes(bytes(damaged))
-    with caplog.at_level(logging.INFO, logger="beit_scale.data.shards"):
+    with caplog.at_level(logging.INFO, logger="beit_scale.data.shard_writer"):
         resumed = write_shards(folder, out, SIZE_MB, workers=2)
     assert f"resuming: 2 of {len(counts)} shards are complete and verified (size, sha256)" in caplog.text
     assert "shard-000001.tar does not match its index entry shard-000001.json (size or sha256): writing it again" \
