@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     sh = sub.add_parser("shard", help="image folder, file list or per-class tars -> tar shards with an offset index",
                         description="Pack images into WebDataset-layout tar shards ({key}.<ext>: the source bytes; "
-                        "{key}.cls: the class index) plus OUT/manifest.json (classes, per shard its samples, byte "
-                        "offsets, sizes and sha256, and the unreadable images left out). Rerunning the same command "
+                        "{key}.cls: the class index) plus OUT/manifest.json (classes, per shard its size, count and "
+                        "sha256, the unreadable images left out) and OUT/index.npy (per image its shard offset, size "
+                        "and label; memory-mapped by every rank). Rerunning the same command "
                         "resumes an interrupted conversion. Train on it with data.format=shards data.root=OUT.")
     sh.add_argument("src", help="an ImageFolder (SRC/<class>/<image>), a folder of per-class tars (SRC/<class>.tar, "
                     "the ImageNet-22k release) or a text file with one `path<TAB>class_name` per line")

@@ -1,9 +1,11 @@
 """`beit-scale shard SRC OUT`: an image dataset to tar shards with an offset index (read by `shards.ShardDataset`).
 
 Conversion is restartable: each shard is written under a temporary name and renamed when complete, then its
-index entry (``shard-NNNNNN.json``) likewise; a rerun keeps the shards whose index entry and size/sha256 check
-out and writes the rest. Which samples go to which shard depends only on the source listing and the shard
-size (never on the number of workers), so the final manifest is the same however often the run was cut.
+index entry (``shard-NNNNNN.json``, with every sample's key, offset, size, label and source path) likewise; a
+rerun keeps the shards whose index entry and size/sha256 check out and writes the rest. At the end the entries
+become the binary ``index.npy``, then ``manifest.json`` is written (each atomically, the manifest last, so a
+manifest implies its index). Which samples go to which shard depends only on the source listing and the shard
+size (never on the number of workers), so the index and manifest are the same however often the run was cut.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
+import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from beit_scale.checkpoint.files import atomic_write_text, sha256
 from beit_scale.data.folder import _DECODE_ERRORS, SafeImageFolder, decode_rgb
-from beit_scale.data.shards import (_BLOCK, _LOCK, _SOURCE_HINT, _TMP, FORMAT, MANIFEST, SETTINGS, _padded, _sidecar,
-                                    shard_name)
+from beit_scale.data.shards import (_BLOCK, _LOCK, _SOURCE_HINT, _TMP, FORMAT, INDEX, INDEX_DTYPE, MANIFEST,
+                                    PLAN_FORMAT, SETTINGS, _padded, _sidecar, shard_name)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ def _list_source(src: Path, pool) -> tuple[str, list[str], list[_Item]]:
 
 
 def _listing_sha256(kind: str, classes: list[str], items: list[_Item]) -> str:
-    h = hashlib.sha256(json.dumps([FORMAT, kind, classes]).encode())
+    h = hashlib.sha256(json.dumps([PLAN_FORMAT, kind, classes]).encode())
     for item in items:
         h.update(json.dumps([item.source, item.label, item.size]).encode())
     return h.hexdigest()
@@ -158,7 +161,7 @@ def _plan(items: list[_Item], shard_bytes: float) -> list[range]:
 
 
 def _shard_fingerprint(keys: list[str], items: list[_Item]) -> str:
-    return hashlib.sha256(json.dumps([FORMAT, keys, [list(it[:3]) for it in items]]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([PLAN_FORMAT, keys, [list(it[:3]) for it in items]]).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- writing one shard (runs in the pool)
@@ -232,9 +235,22 @@ def _write_shard(job: _ShardJob) -> tuple[int, dict]:
     os.replace(tmp, out / name)
     entry = {"name": name, "num_samples": len(cols["key"]), "size": hashing.pos, "sha256": hashing.h.hexdigest(),
              "samples": cols}
-    sidecar = {"format": FORMAT, "plan": job.fingerprint, "shard": entry, "corrupt": corrupt}
+    sidecar = {"format": PLAN_FORMAT, "plan": job.fingerprint, "shard": entry, "corrupt": corrupt}
     atomic_write_text(_sidecar(out, job.index), json.dumps(sidecar, separators=(",", ":")))
-    return job.index, sidecar
+    return job.index, _compact(sidecar)
+
+
+def _compact(sidecar: dict) -> dict:
+    """A shard's index entry with its per-sample columns as index rows (no source paths): what the index and the
+    manifest need, about 30 bytes a sample in the parent instead of six Python objects."""
+    entry = dict(sidecar["shard"])
+    cols = entry.pop("samples")
+    exts, codes = np.unique(np.asarray(cols["ext"], dtype=str), return_inverse=True)
+    rows = np.empty(len(cols["key"]), INDEX_DTYPE)
+    rows["offset"], rows["size"], rows["label"] = cols["offset"], cols["size"], cols["label"]
+    rows["key"] = [int(k) for k in cols["key"]]
+    rows["ext"] = codes
+    return {"shard": entry, "corrupt": sidecar["corrupt"], "rows": rows, "exts": exts.tolist()}
 
 
 def _kept(job: _ShardJob) -> tuple[dict | None, str]:
@@ -247,11 +263,11 @@ def _kept(job: _ShardJob) -> tuple[dict | None, str]:
         return None, ""  # never completed (the index entry is written last)
     shard = Path(job.out) / shard_name(job.index)
     entry = sidecar.get("shard", {}) if isinstance(sidecar, dict) else {}
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT or sidecar.get("plan") != job.fingerprint:
+    if not isinstance(sidecar, dict) or sidecar.get("format") != PLAN_FORMAT or sidecar.get("plan") != job.fingerprint:
         return None, f"{path.name} was written for other samples"
     if not shard.is_file() or shard.stat().st_size != entry.get("size") or sha256(shard) != entry.get("sha256"):
         return None, f"{shard} does not match its index entry {path.name} (size or sha256)"
-    return sidecar, ""
+    return _compact(sidecar), ""
 
 
 # ---------------------------------------------------------------- the conversion
@@ -285,7 +301,7 @@ def _lock(out: Path):
 
 
 def _ours(name: str) -> bool:
-    return (name in (MANIFEST, SETTINGS, _LOCK) or name.endswith(_TMP)
+    return (name in (MANIFEST, INDEX, SETTINGS, _LOCK) or name.endswith(_TMP)
             or (name.startswith("shard-") and name.endswith((".tar", ".json"))))
 
 
@@ -349,7 +365,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size_mb: float = 1000.0
         if not items:
             raise ValueError(f"SRC {src} holds no images with extensions {', '.join(IMG_EXTENSIONS)}; {_SOURCE_HINT}")
         plan = _plan(items, shard_size_mb * 1e6)
-        settings = {"format": FORMAT, "source": str(src), "source_kind": kind, "shard_size_mb": shard_size_mb,
+        settings = {"format": PLAN_FORMAT, "source": str(src), "source_kind": kind, "shard_size_mb": shard_size_mb,
                     "num_listed": len(items), "listing_sha256": _listing_sha256(kind, classes, items)}
         log.info("%s (%s): %d images of %d classes -> %d shards of about %g MB in %s, %d workers", src, kind,
                  len(items), len(classes), len(plan), shard_size_mb, out, workers)
@@ -375,10 +391,13 @@ def write_shards(src: str | Path, out: str | Path, shard_size_mb: float = 1000.0
                 log.info("resuming: %d of %d shards are complete and verified (size, sha256)", len(sidecars), len(plan))
             todo = [job for job in jobs if job.index not in sidecars]
             _write_all(todo, pool, sidecars, len(plan), started)
-            manifest = _manifest(settings, classes, [sidecars[i] for i in range(len(plan))])
-            if not manifest["num_samples"]:
+            done = [sidecars.pop(i) for i in range(len(plan))]
+            corrupt = [bad for s in done for bad in s["corrupt"]]
+            if len(corrupt) == len(items):
                 raise ValueError(f"none of the {len(items)} images of SRC {src} is readable, e.g. "
-                                 f"{manifest['corrupt'][0]['source']}: {manifest['corrupt'][0]['reason']}")
+                                 f"{corrupt[0]['source']}: {corrupt[0]['reason']}")
+            index = _write_index(out, done, key_digits=digits)  # first: a manifest implies a complete index
+            manifest = _manifest(settings, classes, done, index)
             atomic_write_text(out / MANIFEST, json.dumps(manifest, separators=(",", ":")))
     finally:
         if pool is not None:
@@ -393,7 +412,7 @@ def _write_all(todo: list[_ShardJob], pool, sidecars: dict[int, dict], total: in
     done_images = 0
     for index, sidecar in _map(pool, _write_shard, todo, ordered=False):
         sidecars[index] = sidecar
-        done_images += len(sidecar["shard"]["samples"]["key"]) + len(sidecar["corrupt"])
+        done_images += len(sidecar["rows"]) + len(sidecar["corrupt"])
         for bad in sidecar["corrupt"]:
             log.warning("left out unreadable image %s (%s)", bad["source"], bad["reason"])
         rate = done_images / max(time.monotonic() - started, 1e-9)
@@ -401,9 +420,30 @@ def _write_all(todo: list[_ShardJob], pool, sidecars: dict[int, dict], total: in
                  sidecar["shard"]["name"], sidecar["shard"]["num_samples"], done_images, images, rate)
 
 
-def _manifest(settings: dict, classes: list[str], sidecars: list[dict]) -> dict:
+def _write_index(out: Path, sidecars: list[dict], key_digits: int) -> dict:
+    """Write ``index.npy`` (every shard's rows in order, one extension table) atomically; returns its manifest
+    entry. np.save writes the same bytes for the same rows, so a resumed conversion writes the same file."""
+    exts = sorted({e for s in sidecars for e in s["exts"]})
+    rows = np.concatenate([s["rows"] for s in sidecars])
+    start = 0
+    for s in sidecars:  # shard-local extension codes -> codes into `exts`
+        n = len(s["rows"])
+        if n:
+            rows["ext"][start:start + n] = np.searchsorted(exts, s["exts"]).astype(np.uint8)[s["rows"]["ext"]]
+        start += n
+    path, tmp = out / INDEX, out / (INDEX + _TMP)
+    with open(tmp, "wb") as f:
+        np.save(f, rows, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"name": INDEX, "num_samples": len(rows), "size": path.stat().st_size, "sha256": sha256(path),
+            "exts": exts, "key_digits": key_digits}
+
+
+def _manifest(settings: dict, classes: list[str], sidecars: list[dict], index: dict) -> dict:
     shards = [s["shard"] for s in sidecars]
     return {"format": FORMAT, "source": settings["source"], "source_kind": settings["source_kind"],
             "shard_size_mb": settings["shard_size_mb"], "listing_sha256": settings["listing_sha256"],
-            "classes": classes, "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+            "classes": classes, "num_samples": index["num_samples"], "index": index, "shards": shards,
             "corrupt": [bad for s in sidecars for bad in s["corrupt"]]}

@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import tarfile
@@ -20,7 +21,7 @@ from beit_scale.config import DataConfig, load_config
 from beit_scale.data import MIMDataset, SafeImageFolder, ShardDataset, TwoViewTransform, export_fashion_mnist
 from beit_scale.data import open_images, write_shards
 from beit_scale.data import shard_writer
-from beit_scale.data.shards import MANIFEST, iter_members
+from beit_scale.data.shards import INDEX, INDEX_DTYPE, MANIFEST, iter_members, read_manifest
 from beit_scale.masking import build_mask_generator
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -52,6 +53,11 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _sidecar_columns(out: Path, shard: int) -> dict:
+    """The per-sample columns the writer keeps in ``shard-NNNNNN.json`` (key, ext, label, offset, size, source)."""
+    return json.loads((out / f"shard-{shard:06d}.json").read_text())["shard"]["samples"]
+
+
 def _small_folder(folder: Path, root: Path, per_class: int = 6) -> Path:
     """Two classes of real images copied from the export."""
     for name in ("coat", "sneaker"):
@@ -69,21 +75,30 @@ def test_shards_hold_every_image_once_with_its_label_and_original_bytes(folder, 
     listing = SafeImageFolder(folder)
     assert manifest["classes"] == listing.classes and manifest["num_samples"] == len(listing) == 240
     assert len(manifest["shards"]) >= 8 and manifest["corrupt"] == []
-    seen = []
-    for shard in manifest["shards"]:
-        path, cols = out / shard["name"], shard["samples"]
+    # The manifest holds no per-sample data; the index is one binary row per sample, described by the manifest.
+    assert all(set(shard) == {"name", "num_samples", "size", "sha256"} for shard in manifest["shards"])
+    assert manifest["index"] == {"name": INDEX, "num_samples": 240, "size": (out / INDEX).stat().st_size,
+                                 "sha256": shard_writer.sha256(out / INDEX), "exts": ["png"], "key_digits": 9}
+    index = np.load(out / INDEX)
+    assert index.dtype == INDEX_DTYPE and index.shape == (240,)
+    seen, start = [], 0
+    for i, shard in enumerate(manifest["shards"]):
+        path, cols = out / shard["name"], _sidecar_columns(out, i)
+        rows = index[start:start + shard["num_samples"]]
+        start += shard["num_samples"]
+        assert rows["offset"].tolist() == cols["offset"] and rows["size"].tolist() == cols["size"]
+        assert rows["label"].tolist() == cols["label"] and [f"{k:09d}" for k in rows["key"]] == cols["key"]
         assert path.stat().st_size == shard["size"] and shard_writer.sha256(path) == shard["sha256"]
         members = dict(iter_members(path))  # the WebDataset view: {key}.png and {key}.cls
         assert len(members) == 2 * shard["num_samples"]
         with open(path, "rb") as f:
-            for key, ext, label, offset, size, source in zip(*(cols[c] for c in
-                                                               ("key", "ext", "label", "offset", "size", "source"))):
+            for key, ext, source, (offset, size, _, label, _) in zip(cols["key"], cols["ext"], cols["source"], rows):
                 original = (folder / source).read_bytes()
                 assert members[f"{key}.{ext}"] == original  # not re-encoded
                 assert members[f"{key}.cls"] == str(label).encode()
                 f.seek(offset)
                 assert f.read(size) == original  # one seek + read, as ShardDataset does
-                seen.append((str(folder / source), label))
+                seen.append((str(folder / source), int(label)))
     assert seen == listing.samples  # each image once, in the folder's order, with its label
 
 
@@ -166,7 +181,7 @@ def test_a_killed_conversion_resumes_to_the_manifest_of_an_uninterrupted_run(fol
     assert sorted(p.name for p in out.glob("shard-0*")) == [
         "shard-000000.json", "shard-000000.tar", "shard-000001.json", "shard-000001.tar", "shard-000002.json",
         "shard-000002.tar", "shard-000003.tar.tmp"]
-    assert not (out / MANIFEST).exists()
+    assert not (out / MANIFEST).exists() and not (out / INDEX).exists()
     kept = {n: os.stat(out / n) for n in ("shard-000000.tar", "shard-000002.tar")}
     damaged = bytearray((out / "shard-000001.tar").read_bytes())  # same size, one byte altered
     damaged[len(damaged) // 3] ^= 0xFF
@@ -178,6 +193,7 @@ def test_a_killed_conversion_resumes_to_the_manifest_of_an_uninterrupted_run(fol
         in caplog.text
     assert resumed == manifest and json.loads((out / MANIFEST).read_text()) == manifest  # also: 1 worker vs 2
     assert all((out / s["name"]).read_bytes() == (full / s["name"]).read_bytes() for s in manifest["shards"])
+    assert (out / INDEX).read_bytes() == (full / INDEX).read_bytes()
     for name, st in kept.items():  # kept, not rewritten
         assert (os.stat(out / name).st_ino, os.stat(out / name).st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     assert not list(out.glob("*.tmp"))
@@ -234,20 +250,20 @@ def test_class_tars_and_file_lists_convert_like_a_folder(folder, tmp_path):
 
 def test_a_corrupt_member_is_skipped_like_safe_image_folder_skips_a_file(shards, tmp_path, caplog):
     out, manifest = _copy(shards[0], tmp_path / "out"), shards[1]
-    cols = manifest["shards"][1]["samples"]
+    first = manifest["shards"][0]["num_samples"]  # global index of shard 1's first sample
+    rows = np.load(out / INDEX)[first:]
     path = out / manifest["shards"][1]["name"]
     with open(path, "r+b") as f:  # members 1, 2 and 3 of shard 1 overwritten in place: same sizes
         for j in (1, 2, 3):
-            f.seek(cols["offset"][j])
-            f.write(b"\0" * cols["size"][j])
-    first = manifest["shards"][0]["num_samples"]  # global index of shard 1's first sample
+            f.seek(int(rows["offset"][j]))
+            f.write(b"\0" * int(rows["size"][j]))
     clean = ShardDataset(shards[0])
     with caplog.at_level(logging.WARNING, logger="beit_scale.data.folder"):
         ds = ShardDataset(out)  # sizes match: accepted without verify=True
         for _ in range(2):
             for i in (first + 1, first + 2, first + 3):  # each replaced by the next readable index, with its label
                 assert _pixels(ds[i]) == _pixels(clean[first + 4])
-    names = {f"{path}/{cols['key'][j]}.png" for j in (1, 2, 3)}
+    names = {f"{path}/{_sidecar_columns(out, 1)['key'][j]}.png" for j in (1, 2, 3)}
     assert ds.bad_paths == names
     assert all(caplog.text.count(f"skipping unreadable image {n} (UnidentifiedImageError") == 1 for n in names)
     with pytest.raises(RuntimeError, match=r"3 consecutive images from index .* \(max_consecutive_failures=2\)"):
@@ -295,6 +311,67 @@ def test_a_truncated_missing_or_miscounted_shard_is_refused_before_training(shar
                                                    "train.micro_batch=8", "train.global_batch=16"])
     with pytest.raises(ValueError, match=r"finetune\.num_classes=3 but data\.root=.* has 10 class"):
         validate(finetune, world_size=2)
+
+
+def test_the_index_is_memory_mapped_and_a_truncated_or_damaged_one_is_refused(shards, tmp_path):
+    out, manifest = _copy(shards[0], tmp_path / "out"), shards[1]
+    ds = ShardDataset(out)
+    assert isinstance(ds._index, np.memmap) and Path(ds._index.filename) == out / INDEX  # shared page cache
+    clone = pickle.loads(pickle.dumps(ds))  # as to a spawned loader worker: mapped again, not copied
+    assert isinstance(clone._index, np.memmap) and _pixels(clone[17]) == _pixels(ds[17])
+    assert ds.__getstate__()["_index"] is None
+    data = (out / INDEX).read_bytes()
+    rerun = r"\. Rerun `beit-scale shard .* .*out` to rewrite the damaged shards"
+    (out / INDEX).write_bytes(data[:-INDEX_DTYPE.itemsize])  # the last row cut off
+    with pytest.raises(ValueError, match=r"index\.npy is \d+ bytes, the manifest says \d+ \(truncated\)" + rerun):
+        ShardDataset(out)
+    (out / INDEX).write_bytes(b"\0" * len(data))  # same size, header gone
+    with pytest.raises(ValueError, match=r"index\.npy does not start with the \.npy header \(overwritten\)"):
+        ShardDataset(out)
+    (out / INDEX).write_bytes(data[:8] + b"\0" * (len(data) - 8))  # same size, header damaged after the magic
+    with pytest.raises(ValueError, match=r"index\.npy is not a readable index \(ValueError: "):
+        ShardDataset(out)
+    damaged = bytearray(data)
+    damaged[-INDEX_DTYPE.itemsize] ^= 0xFF  # the last row's offset altered, same size: found by verify=True
+    (out / INDEX).write_bytes(bytes(damaged))
+    assert len(ShardDataset(out)) == 240
+    with pytest.raises(ValueError, match=r"index\.npy: sha256 differs from the manifest \(altered\)" + rerun):
+        ShardDataset(out, verify=True)
+    # A consistent manifest over wrong rows (an edited index and manifest): the rows are checked with verify=True.
+    rows = np.load(out / INDEX)
+    rows["offset"][-1] = manifest["shards"][-1]["size"]
+    np.save(out / INDEX, rows)
+    index = dict(manifest["index"], sha256=shard_writer.sha256(out / INDEX))
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, index=index)))
+    with pytest.raises(ValueError, match=r"index\.npy: 1 rows lie outside their shard, the classes or the "
+                                         r"extensions, the first at sample 239"):
+        ShardDataset(out, verify=True)
+    np.save(out / INDEX, rows[:-1])  # another length
+    index = dict(manifest["index"], size=(out / INDEX).stat().st_size)
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, index=index)))
+    with pytest.raises(ValueError, match=r"index\.npy holds 239 samples, the manifest says 240 \(index\)"):
+        ShardDataset(out)
+    (out / INDEX).unlink()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"index\.npy is missing" + rerun):
+        ShardDataset(out)
+
+
+def test_a_v1_folder_is_refused_with_the_command_that_upgrades_it_in_place(folder, shards, tmp_path):
+    out, manifest = _copy(shards[0], tmp_path / "out"), shards[1]
+    (out / INDEX).unlink()  # v1: no index, the per-sample columns inside manifest.json
+    v1 = {k: v for k, v in manifest.items() if k != "index"}
+    v1["shards"] = [dict(s, samples=_sidecar_columns(out, i)) for i, s in enumerate(manifest["shards"])]
+    (out / MANIFEST).write_text(json.dumps(dict(v1, format="beit_scale.shards.v1")))
+    upgrade = r"is a beit_scale\.shards\.v1 manifest .*; rerun `beit-scale shard .* .*out` to upgrade it in place"
+    with pytest.raises(ValueError, match=upgrade):
+        ShardDataset(out)
+    with pytest.raises(ValueError, match=upgrade):
+        read_manifest(out)  # what the config check reads for the class list
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0*")}
+    assert write_shards(folder, out, SIZE_MB, workers=1) == manifest  # the shards and their entries are v1's
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0*")} == before
+    assert (out / INDEX).read_bytes() == (shards[0] / INDEX).read_bytes() and len(ShardDataset(out)) == 240
 
 
 def test_the_22k_recipes_read_tar_shards():
