@@ -77,6 +77,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
     hflip: float = 0.5  # horizontal flip probability
     color_jitter: float = 0.4  # brightness, contrast and saturation strength; 0 disables
+    transform: Literal["fast", "reference"] = "fast"  # training views: fast (data/fast_views.py) or TwoViewTransform
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # patch-view normalisation
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

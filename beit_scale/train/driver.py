@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import time
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -141,8 +142,9 @@ def drive(cfg: Config, task: Task) -> dict:
     task.start(run)
     last = train(run, task)
     speed = loop.meter.speed.of(loop.meter.images_per_second) if loop.meter.speed else {}
+    waits = loop.meter.data_wait_summary()  # the training steps', before the final evaluation
     summary = {**task.finish(run, last), "final_loss": last["loss"], "steps": cfg.train.total_steps,
-               "images_per_second": loop.meter.images_per_second, **speed, "world_size": info.world_size,
+               "images_per_second": loop.meter.images_per_second, **speed, **waits, "world_size": info.world_size,
                "restarts": loop.state.restarts, "skipped_steps": loop.state.skipped_steps}
     if dist.is_initialized():  # rank 0's summary on every rank (some tasks evaluate their output on rank 0)
         shared = [summary]
@@ -167,7 +169,9 @@ def train(run: Run, task: Task) -> dict[str, float]:
         task.begin_step(run, step)
         micro = []
         for _ in range(t.grad_accum):
+            asked = time.perf_counter()
             batch = next(loop.batches)
+            loop.meter.data_waited(time.perf_counter() - asked)  # a starved device shows here
             loop.trace.add(step + 1, batch["index"])
             out = task.micro_step(run, batch, step)
             applied = backward_step(engine, run.faults.poison(out.loss, step + 1, run.rank))

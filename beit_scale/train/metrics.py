@@ -74,12 +74,20 @@ class Meter:
         self.start = self.window_start = time.perf_counter()
         self.timed_steps = 0  # steps after the first of this process, which carries start-up costs
         self.timed_start: float | None = None
+        self.wait = 0.0  # seconds this window's micro batches waited for the data loader (this rank)
+        self.timed_wait = 0.0  # the same over the timed steps
 
     def add(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
+
+    def data_waited(self, seconds: float) -> None:
+        """A micro batch took ``seconds`` to come out of the loader: near 0 while the workers keep ahead."""
+        self.wait += seconds
+        if self.timed_start is not None:
+            self.timed_wait += seconds
 
     def step_done(self) -> None:
         self.window_steps += 1
@@ -94,6 +102,13 @@ class Meter:
             return float("nan")
         return self.timed_steps * self.images_per_step / (time.perf_counter() - self.timed_start)
 
+    def data_wait_summary(self) -> dict[str, float]:
+        """Over the timed steps: seconds per step waiting for data, and that wait's share of the wall time."""
+        if not self.timed_steps:
+            return {"data_wait_s": float("nan"), "data_wait_fraction": float("nan")}
+        return {"data_wait_s": self.timed_wait / self.timed_steps,
+                "data_wait_fraction": self.timed_wait / (time.perf_counter() - self.timed_start)}
+
     def flush(self, step: int, **extra: float) -> dict[str, float]:
         """All-reduce the window's means across ranks, log them and write them to TensorBoard."""
         names = sorted(self.sums)
@@ -104,6 +119,9 @@ class Meter:
         now = time.perf_counter()
         values = dict(zip(names, stacked.tolist()))
         values["images_per_s"] = self.window_steps * self.images_per_step / max(now - self.window_start, 1e-9)
+        # this rank's wait for the loader: seconds per step, and the share of the window's wall time
+        values["data_wait"] = self.wait / max(self.window_steps, 1)
+        values["data_wait_frac"] = self.wait / max(now - self.window_start, 1e-9)
         if self.speed is not None:
             values.update(self.speed.of(values["images_per_s"]))
         values.update(extra)
@@ -119,6 +137,7 @@ class Meter:
                 f.write(json.dumps({"step": done, **values}) + "\n")
         self.sums.clear()
         self.count = self.window_steps = 0
+        self.wait = 0.0
         self.window_start = now
         return values
 

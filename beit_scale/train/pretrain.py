@@ -13,7 +13,8 @@ from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.config import Config
-from beit_scale.data import EvalTwoView, MIMDataset, TwoViewTransform, make_loader, open_images
+from beit_scale.data import EvalTwoView, MIMDataset, make_loader, open_images
+from beit_scale.data.fast_views import two_view_transform
 from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, get_spec, masked_positions
@@ -84,9 +85,9 @@ class Pretrain(Task):
 
     def train_set(self, run: Run) -> MIMDataset:
         d, tok = run.cfg.data, self.tokenizer
-        transform = TwoViewTransform(self.img_size, tok.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                     color_jitter=d.color_jitter, mean=d.mean, std=d.std,
-                                     tokenizer_pixel_map=tok.map_pixels)
+        transform = two_view_transform(d.transform, self.img_size, tok.input_size, scale=d.crop_scale, hflip=d.hflip,
+                                       color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+                                       tokenizer_pixel_map=tok.map_pixels)
         return MIMDataset(open_images(d, d.root), transform, self.mask_gen, run.cfg.run.seed)
 
     def flops_per_image(self, run: Run) -> float:

@@ -10,7 +10,8 @@ from beit_scale.checkpoint import RunLayout
 from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
 from beit_scale.config import Config
-from beit_scale.data import EvalTwoView, MIMDataset, TwoViewTransform, open_images
+from beit_scale.data import EvalTwoView, MIMDataset, open_images
+from beit_scale.data.fast_views import two_view_transform
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_reconstructions
@@ -34,8 +35,8 @@ class TrainTokenizer(Task):
     def train_set(self, run: Run) -> MIMDataset:
         d, t = run.cfg.data, run.cfg.tokenizer
         # The tokenizer reads only its own view; the patch view is made at the same size and ignored.
-        transform = TwoViewTransform(t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                     color_jitter=d.color_jitter, tokenizer_pixel_map=self.model.map_pixels)
+        transform = two_view_transform(d.transform, t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
+                                       color_jitter=d.color_jitter, tokenizer_pixel_map=self.model.map_pixels)
         return MIMDataset(open_images(d, d.root), transform, None, run.cfg.run.seed)
 
     def begin_step(self, run: Run, step: int) -> None:

@@ -56,8 +56,8 @@ def test_train_tokenizer_under_torchrun_writes_a_loadable_tokenizer(tokenizer_ru
 
 
 def logged(out) -> dict[int, dict]:
-    """{step: the logged values but throughput}, the last record of each step winning."""
-    return {rec["step"]: {k: v for k, v in rec.items() if k != "images_per_s"}
+    """{step: the logged values but the timings (throughput, data wait)}, the last record of each step winning."""
+    return {rec["step"]: {k: v for k, v in rec.items() if k not in ("images_per_s", "data_wait", "data_wait_frac")}
             for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
@@ -93,6 +93,8 @@ def test_pretrain_under_the_deepspeed_launcher_zero3_bf16(tokenizer_run, fmnist,
     assert summary["eval_masked_tokens"] == 2 * 2 * 8 * 26  # ranks x eval_batches x micro_batch x masked
     for key in ("final_loss", "masked_token_accuracy", "majority_token_accuracy", "images_per_second"):
         assert summary[key] == summary[key]  # not NaN
+    # the steps' wait for the data loader (rank 0): seconds per step and share of the wall time, also in the log
+    assert 0 <= summary["data_wait_s"] < 60 and 0 <= summary["data_wait_fraction"] <= 1 and "data_wait_frac" in log
     weights = load_file(str(tmp_path / "model.safetensors"))  # gathered from ZeRO-3 shards
     assert weights["lm_head.weight"].shape == (128, 96) and "mask_token" in weights
     assert (tmp_path / "images" / "masks.png").is_file()

@@ -1,6 +1,7 @@
 """The benchmark scripts end to end at a tiny scale: `benchmarks/fmnist_pretrain_vs_scratch.py` (export, tokenizer,
-MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete) and `benchmarks/throughput.py
---smoke` (every row, with speed and host syncs per step).
+MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete), `benchmarks/throughput.py
+--smoke` (every row, with speed and host syncs per step) and `benchmarks/input_pipeline.py --smoke` (every input
+pipeline from a folder and from shards).
 
 At this scale (720 training images, 72 labelled, a few dozen steps) pretraining has no reason to win, so the
 test proves the pipeline, not the claim; the full run's result is in benchmarks/results/.
@@ -57,3 +58,19 @@ def test_throughput_benchmark_smoke_writes_every_row_with_speed_and_syncs(tmp_pa
     assert all(r["img_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None for r in speed.values())  # no CPU peak
     assert speed["plain PyTorch"]["host_syncs_per_step"] == 0
     assert speed["beit_scale ZeRO-1"]["host_syncs_per_step"] == speed["beit_scale ZeRO-2"]["host_syncs_per_step"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_input_pipeline_benchmark_smoke_times_every_pipeline_from_a_folder_and_shards(tmp_path):
+    out = tmp_path / "input_pipeline.json"
+    proc = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=rank_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] and report["settings"]["smoke"] and report["settings"]["torch_threads"] == 1
+    assert report["anchor_source"].startswith(("imported", "in-file copy"))
+    assert report["shard_source"] == "beit_scale.data.shards.ShardDataset"  # the shard reader, not the plain tar
+    for source in ("folder", "shards"):
+        rows = report["results"][source]
+        assert all(rows[k]["img_s_cpu"]["median"] > 0 for k in ("decode", "reference", "today", "fast", "floor"))
+        assert rows["fast_over_reference_cpu"]["median"] > 1.2  # 2.3 in the full run (results/input_pipeline_cpu.json)
