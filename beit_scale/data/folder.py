@@ -65,7 +65,7 @@ def _as_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
     elif img.mode in ("I", "F"):
         raise ValueError(f"{img.mode}-mode (32-bit) image has no agreed 8-bit range; store it with 8 or 16 bits")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image (70 us at 500x375)
 
 
 def _special(path: str) -> bool:
