@@ -116,9 +116,10 @@ def test_readme_non_root_install_runs_the_small_quickstart_from_a_named_folder()
         # (measured: 0.186 vs 0.069 after 300 steps).
         assert summary["masked_token_accuracy"] > 2 * summary["majority_token_accuracy"]
         assert summary["masked_token_accuracy"] > summary["majority_token_accuracy"] + 0.06
-        # A collapsed codebook would make that easy: the tokenizer must use many of its 128 codes (measured
-        # perplexity 42, 102 codes).
-        assert summary["tokenizer_perplexity"] > 30 and summary["tokenizer_codebook_usage"] > 0.4
+        # A collapsed codebook would make that easy: the tokenizer must use many of its 128 codes (a collapse
+        # leaves a handful; measured perplexity 32.0-43.3 over seeds 0-2 with the fast transform, 26.7-47.8 with
+        # the reference one, after 200 steps).
+        assert summary["tokenizer_perplexity"] > 20 and summary["tokenizer_codebook_usage"] > 0.4
         assert summary["final_loss"] < 3.6 and summary["images_per_second"] > 0
         for run in ("tokenizer", "pretrain"):
             assert (out / run / "config.yaml").is_file() and list((out / run / "tensorboard").iterdir())
