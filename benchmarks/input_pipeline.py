@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 ANCHOR = ROOT.parent / "shared" / "bench" / "pipeline_anchor.py"
 TARGET_IMG_S, TARGET_RATIO = 400, 2.9  # issue 13: per core, and x the reference in the same process
 
+from benchmarks.quickstart import cpu_model  # noqa: E402  (the same machine record as the quickstart's)
 from beit_scale.data.fast_views import FastTwoViewTransform  # noqa: E402
 from beit_scale.data.folder import SafeImageFolder  # noqa: E402
 from beit_scale.data.transforms import TwoViewTransform  # noqa: E402
@@ -192,13 +193,6 @@ def measure(fn: Callable[[int], object], n: int, seconds: float) -> tuple[float,
 def spread(values: list[float], digits: int = 1) -> dict:
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
             "max": round(max(values), digits)}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict:
