@@ -9,6 +9,7 @@ same bad file always maps to the same substitute in every worker and every proce
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 import os
@@ -76,7 +77,7 @@ def _special(path: str) -> bool:
         return False
 
 
-class SkipUnreadable:
+class SkipUnreadable(abc.ABC):
     """Mixin for image datasets: an unreadable sample is replaced by the next readable index.
 
     The dataset names each sample (`_sample_name`, e.g. its path) and reads it (`_read_sample`, raising one of
@@ -98,13 +99,13 @@ class SkipUnreadable:
         self.max_consecutive_failures = max_consecutive_failures
         self.bad_paths: set[str] = set()
 
+    @abc.abstractmethod
     def _sample_name(self, index: int) -> str:
         """What names sample `index` in warnings, errors and `bad_paths` (a path, or a shard member)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read_sample(self, index: int) -> tuple[Image.Image, int]:
         """``(RGB image, class index)`` of `index`; raises one of `_DECODE_ERRORS` when it is unreadable."""
-        raise NotImplementedError
 
     def _mark_bad(self, name: str, err: BaseException) -> None:
         self.bad_paths.add(name)

@@ -86,7 +86,8 @@ class Labeler(nn.Module):
         reduced = self.precision != "fp32"
         with torch.autocast(views.device.type, dtype=_DTYPES.get(self.precision, torch.bfloat16), enabled=reduced):
             hidden = self.trunk(views)  # (B, C, h, w), in the autocast dtype when reduced
-        bad = (~torch.isfinite(hidden)).sum()  # an fp16 overflow would make the argmax meaningless
+        # an fp16 overflow would make the argmax meaningless; fp32 needs no count (and no pass over the activations)
+        bad = (~torch.isfinite(hidden)).sum() if reduced else torch.zeros((), dtype=torch.int64, device=views.device)
         return self.bottom(hidden.float()).float().argmax(1).flatten(1), bad  # (B, h * w)
 
     @torch.no_grad()
