@@ -6,10 +6,15 @@ one process with one torch thread, measured in turns (each round runs every one,
 - ``reference``: the anchor's unilm-style code (``../shared/bench/pipeline_anchor.py``, imported when present,
   else the copy in this file: see ``anchor_source`` in the result): decode, jitter the whole image, crop, resize.
 - ``today``: the dataset's decode (``SafeImageFolder`` / the shard reader), then `TwoViewTransform`.
-- ``fast``: the same decode, then `FastTwoViewTransform` (``data.transform: fast``, the default).
-- ``decode``: the dataset's decode alone, under all of them.
-- ``floor``: the decode, the reference's draws, the crop and one resize to the 224 px view in uint8 (`floor_views`):
-  the least any transform with the reference's semantics does, so ``floor_over_reference`` bounds ``fast``'s ratio.
+- ``fast``: what a loader worker does with ``data.transform: fast`` (the default): the dataset's array decode
+  (``arrays=True``: libjpeg-turbo straight into an array), then `FastTwoViewTransform` with ``defer``: the views
+  leave as uint8 with their colour plan, which the training step applies on the device (`finish_batch`).
+- ``decode``: the dataset's PIL decode alone; ``decode_array``: its array decode alone.
+- ``floor``: the array decode, the reference's draws, the crop and one resize to the 224 px view in uint8
+  (`floor_views`): the least any transform with the reference's semantics does, so ``floor_over_reference``
+  bounds ``fast``'s ratio.
+- ``finish_cpu``: images/s of `FastTwoViewTransform.finish` on batches of 64 on this CPU (one thread): the part of
+  ``fast`` that runs on the training device, here as a CPU-only run would pay it in its main process.
 
 Each from an image folder and from a tar shard: `beit_scale.data.shards.ShardDataset` over shards that
 ``write_shards`` made of that folder when the module has them, else a plain tar read by offset (``shard_source``
@@ -52,10 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ANCHOR = ROOT.parent / "shared" / "bench" / "pipeline_anchor.py"
 TARGET_IMG_S, TARGET_RATIO = 400, 2.9  # issue 13: per core, and x the reference in the same process
+FINISH_BATCH = 64  # deferred samples finished per call in the finish_cpu measurement
 
 from benchmarks.quickstart import cpu_model  # noqa: E402  (the same machine record as the quickstart's)
 from beit_scale.data.fast_views import FastTwoViewTransform  # noqa: E402
-from beit_scale.data.folder import SafeImageFolder  # noqa: E402
+from beit_scale.data.folder import SafeImageFolder, decode_rgb_array  # noqa: E402
 from beit_scale.data.transforms import TwoViewTransform  # noqa: E402
 
 
@@ -112,23 +118,26 @@ def load_anchor() -> tuple[Callable[[int], list[bytes]], Callable[[bytes], tuple
 _JITTER = ColorJitter(0.4, 0.4, 0.4)
 
 
-def floor_views(img: Image.Image) -> Tensor:
+def floor_views(pixels: np.ndarray) -> Tensor:
     """What every two-view transform with the reference's semantics does at least: the reference's draws (jitter,
     flip, box), the crop and one resize to the 224 px patch view, in uint8: no jitter, normalisation or second
-    view. Its speed bounds what any such transform can reach with the dataset's decode."""
+    view. Its speed bounds what any such transform can reach with the dataset's fastest decode."""
     ColorJitter.get_params(_JITTER.brightness, _JITTER.contrast, _JITTER.saturation, None)
     torch.rand(1).item()
-    top, left, height, width = RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
-    crop = np.asarray(img)[top:top + height, left:left + width].copy()
+    size_only = torch.empty((), dtype=torch.uint8).expand(3, *pixels.shape[:2])
+    top, left, height, width = RandomResizedCrop.get_params(size_only, [0.08, 1.0], [3 / 4, 4 / 3])
+    crop = pixels[top:top + height, left:left + width].copy()
     return F.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None], (224, 224), mode="bicubic", antialias=True)
 
 
 # ------------------------------------------------------------------ sources: a folder and a shard
 class Source:
-    """Images by index: ``raw(i)`` the file's bytes (for the reference), ``image(i)`` the dataset's decoded RGB."""
+    """Images by index: ``raw(i)`` the file's bytes (for the reference), ``image(i)`` the dataset's decoded RGB,
+    ``array(i)`` its (H, W, 3) uint8 array decode."""
 
-    def __init__(self, raw: Callable[[int], bytes], image: Callable[[int], Image.Image], n: int):
-        self.raw, self.image, self.n = raw, image, n
+    def __init__(self, raw: Callable[[int], bytes], image: Callable[[int], Image.Image],
+                 array: Callable[[int], np.ndarray], n: int):
+        self.raw, self.image, self.array, self.n = raw, image, array, n
 
 
 def folder_source(jpegs: list[bytes], root: Path) -> Source:
@@ -138,8 +147,8 @@ def folder_source(jpegs: list[bytes], root: Path) -> Source:
     for i, data in enumerate(jpegs):
         paths.append(cls / f"{i:05d}.jpg")
         paths[-1].write_bytes(data)
-    dataset = SafeImageFolder(str(root))
-    return Source(lambda i: paths[i].read_bytes(), lambda i: dataset[i][0], len(paths))
+    dataset, arrays = SafeImageFolder(str(root)), SafeImageFolder(str(root), arrays=True)
+    return Source(lambda i: paths[i].read_bytes(), lambda i: dataset[i][0], lambda i: arrays[i][0], len(paths))
 
 
 def _plain_tar(jpegs: list[bytes], path: Path) -> list[tuple[int, int]]:
@@ -167,15 +176,17 @@ def shard_source(jpegs: list[bytes], folder: Path, root: Path) -> tuple[Source, 
         from beit_scale.data.shards import ShardDataset
 
         write_shards(folder, root / "shards", workers=1)
-        dataset = ShardDataset(root / "shards")
+        dataset, arrays = ShardDataset(root / "shards"), ShardDataset(root / "shards", arrays=True)
         if len(dataset) != len(jpegs):
             raise RuntimeError(f"{len(dataset)} samples in the shards, {len(jpegs)} images in the folder")
-        return Source(raw, lambda i: dataset[i][0], len(jpegs)), "beit_scale.data.shards.ShardDataset"
+        return (Source(raw, lambda i: dataset[i][0], lambda i: arrays[i][0], len(jpegs)),
+                "beit_scale.data.shards.ShardDataset")
     except Exception as e:  # noqa: BLE001 - the shard reader is optional here; say why it was not used
         from beit_scale.data.folder import decode_rgb
 
         why = f"{type(e).__name__}: {e}"
-        return Source(raw, lambda i: decode_rgb(raw(i)), len(jpegs)), f"plain tar read by offset ({why})"
+        return (Source(raw, lambda i: decode_rgb(raw(i)), lambda i: decode_rgb_array(raw(i)), len(jpegs)),
+                f"plain tar read by offset ({why})")
 
 
 # ------------------------------------------------------------------ timing
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     jpegs = sample_jpegs(args.images)
     # the anchor's settings: 224 px patch view, 112 px tokenizer view in DALL-E's pixel map
     transforms = {"today": TwoViewTransform(224, 112, tokenizer_pixel_map=lambda x: 0.8 * x + 0.1),
-                  "fast": FastTwoViewTransform(224, 112, tokenizer_pixel_map=lambda x: 0.8 * x + 0.1)}
+                  "fast": FastTwoViewTransform(224, 112, defer=True, tokenizer_pixel_map=lambda x: 0.8 * x + 0.1)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = folder_source(jpegs, Path(tmp) / "folder")
         shard, shard_from = shard_source(jpegs, Path(tmp) / "folder", Path(tmp))
@@ -226,17 +237,25 @@ def main(argv: list[str] | None = None) -> int:
         for name, src in sources.items():
             pipelines[name] = {
                 "decode": src.image,
+                "decode_array": src.array,
                 "reference": lambda i, src=src: anchor_two_view(src.raw(i)),
                 "today": lambda i, src=src: transforms["today"](src.image(i)),
-                "fast": lambda i, src=src: transforms["fast"](src.image(i)),
-                "floor": lambda i, src=src: floor_views(src.image(i)),
+                "fast": lambda i, src=src: transforms["fast"](src.array(i)),
+                "floor": lambda i, src=src: floor_views(src.array(i)),
             }
         for per_source in pipelines.values():  # warm-up: first calls, caches, the page cache
             for fn in per_source.values():
                 for i in range(2 if args.smoke else args.images):
                     fn(i)
         runs = {s: {k: {"wall": [], "cpu": []} for k in fns} for s, fns in pipelines.items()}
+        # the device's part of fast, on this CPU: finish a batch of 64 deferred samples (one call = 64 images)
+        deferred = [transforms["fast"](folder.array(i % args.images)) for i in range(FINISH_BATCH)]
+        batch = [torch.stack(parts) for parts in zip(*deferred)]
+        finish_runs: dict[str, list[float]] = {"wall": [], "cpu": []}
         for r in range(args.rounds):
+            for clock, value in zip(("wall", "cpu"), measure(lambda i: transforms["fast"].finish(*batch), 1,
+                                                              args.seconds)):
+                finish_runs[clock].append(value * FINISH_BATCH)
             for s, fns in pipelines.items():
                 for k, fn in fns.items():
                     wall, cpu = measure(fn, args.images, args.seconds)
@@ -257,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    "meets_2_9x": results[s]["fast_over_reference_cpu"]["median"] >= TARGET_RATIO,
                    "floor_over_reference_cpu_median": results[s]["floor_over_reference_cpu"]["median"]}
                for s in results}
+    results["finish_cpu"] = {"img_s_cpu": spread(finish_runs["cpu"]), "img_s_wall": spread(finish_runs["wall"]),
+                             "batch": FINISH_BATCH, "note": "runs on the training device; here on this CPU"}
     report = {"machine": {**info, "load_avg_1m_after": round(os.getloadavg()[0], 2)},
               "settings": {"images": args.images, "jpeg_kB": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
                            "image_px": list(Image.open(io.BytesIO(jpegs[0])).size), "rounds": args.rounds,

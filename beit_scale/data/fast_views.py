@@ -28,6 +28,7 @@ photos and Fashion-MNIST images. benchmarks/input_pipeline.py measures the speed
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,42 +57,73 @@ class FastTwoViewTransform(TwoViewTransform):
     through `tokenizer_pixel_map`. Pixels differ from the reference's by about one grey level on average.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, defer: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         v = self._views
-        # Per-channel y -> k y + e after the jitter: (y / 255 - mean) / std for the patch view, y / 255 for the other.
-        self._patch_out = (tuple(1 / (255 * s) for s in v.std), tuple(-m / s for m, s in zip(v.mean, v.std)))
-        self._tok_out = ((1 / 255,) * 3, (0.0,) * 3)
+        self.defer = defer
         # the tokenizer view from the patch view when its side divides the patch view's (0: a resize of its own)
         self._box = v.img_size // v.tokenizer_size if v.img_size % v.tokenizer_size == 0 else 0
-        # the box average of the normalised patch view back to [0, 1]: x std + mean
-        self._unnormalise = (np.array(v.std, dtype=np.float32)[:, None, None],
-                             np.array(v.mean, dtype=np.float32)[:, None, None])
+        self._mean = torch.tensor(v.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(v.std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
-        img = _as_rgb(img)
-        pixels = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width, 3)  # read-only
+    def __call__(self, img: Image.Image | np.ndarray) -> tuple[Tensor, ...]:
+        """``img``: a PIL image, or an (H, W, 3) uint8 RGB array (a dataset's ``arrays=True``: no PIL copy).
+
+        Returns ``(patch_view, tokenizer_view)`` as `TwoViewTransform` does; with ``defer``, the views before
+        the colour maps instead: ``(patch uint8 (3, S, S), tokenizer uint8 (3, T, T), plan float32 (PLAN_SIZE,))``,
+        a quarter of the bytes to move, for `finish` to complete on the training device (`finish_batch`).
+        """
+        patch, tok, plan = self._deferred(img)
+        if self.defer:
+            return patch, tok, plan
+        patch_view, tok_view = self.finish(patch[None], tok[None], plan[None])
+        return patch_view[0], tok_view[0]
+
+    def _deferred(self, img: Image.Image | np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        pixels = _rgb_pixels(img)  # (H, W, 3) uint8, maybe read-only
         segments = self._draw_jitter(pixels) if self.color_jitter is not None else [_IDENTITY]
         flip = self.hflip > 0 and torch.rand(1).item() < self.hflip
-        top, left, height, width = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        img_h, img_w = pixels.shape[:2]
+        # the draws of get_params, which reads only the size: a (3, H, W) view of one byte stands in for the image
+        top, left, height, width = RandomResizedCrop.get_params(
+            torch.empty((), dtype=torch.uint8).expand(3, img_h, img_w), list(self.scale), list(self.ratio))
         if flip:  # the box was drawn on the mirrored image
-            left = img.width - left - width
+            left = img_w - left - width
         crop = pixels[top:top + height, left:left + width].copy()  # (h, w, 3), writable
         v = self._views
         enlarged = height <= v.img_size and width <= v.img_size  # fewer pixels than the view: the reference's order
         if enlarged and segments != [_IDENTITY]:
             crop, segments = _jitter_pixels(crop, segments), [_IDENTITY]
         x = torch.from_numpy(crop).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8, channels-last
-        patch_view = _apply(_resize(x, v.img_size, flip), segments, *self._patch_out)
+        patch = _resize(x, v.img_size, flip)
+        from_patch = 0.0
         if enlarged and max(height, width) <= v.tokenizer_size:  # enlarged again: the reference's lanczos, cheap
             tok = Image.fromarray(crop).resize((v.tokenizer_size,) * 2, Image.Resampling.LANCZOS)  # on a small box
             tok = tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else tok
-            tok_view = _apply(np.ascontiguousarray(np.asarray(tok).transpose(2, 0, 1)), [_IDENTITY], *self._tok_out)
-        elif self._box:  # the patch view's pixels, box-averaged to the tokenizer view's size
-            tok_view = _box_unnormalise(patch_view, self._box, *self._unnormalise)
+            tok = torch.from_numpy(np.asarray(tok).transpose(2, 0, 1).copy())
+        elif self._box:  # `finish` box-averages the jittered patch view to the tokenizer view's size
+            tok, from_patch = torch.zeros((3, v.tokenizer_size, v.tokenizer_size), dtype=torch.uint8), 1.0
         else:
-            tok_view = _apply(_resize(x, v.tokenizer_size, flip), segments, *self._tok_out)
-        return torch.from_numpy(patch_view), v.tokenizer_pixel_map(torch.from_numpy(tok_view))
+            tok = _resize(x, v.tokenizer_size, flip)
+        return patch, tok, _plan_tensor(segments, from_patch)
+
+    def finish(self, patch: Tensor, tok: Tensor, plan: Tensor,
+               hints: "PlanHints | None" = None) -> tuple[Tensor, Tensor]:
+        """Deferred views (``(B, 3, S, S)`` and ``(B, 3, T, T)`` uint8, ``(B, PLAN_SIZE)`` plans, on any device) ->
+        ``(patch views, tokenizer views)``: float32, normalised with mean/std and in the tokenizer's pixel map.
+        ``hints``: `PlanHints` of the plans while they were on the CPU (read there without a device sync)."""
+        if hints is None:
+            hints = PlanHints.of(plan.cpu())  # a device sync where the plans are on one
+        x = _apply_plan(patch.float(), plan, hints.slots)  # (B, 3, S, S) in [0, 255]
+        own = _apply_plan(tok.float(), plan, hints.slots) if hints.own_tokenizer_view else None
+        if self._box:
+            boxed = F.avg_pool2d(x, self._box) if self._box > 1 else x.clone()
+            tok_view = boxed if own is None else torch.where(plan[:, 0].view(-1, 1, 1, 1) > 0.5, boxed, own)
+        else:
+            tok_view = own
+        mean, std = self._mean.to(x.device), self._std.to(x.device)
+        patch_view = x.mul_(1 / 255).sub_(mean).div_(std)
+        return patch_view, self._views.tokenizer_pixel_map(tok_view.mul_(1 / 255).clamp_(0.0, 1.0))
 
     def _draw_jitter(self, pixels: np.ndarray) -> list[Segment]:
         """ColorJitter's draws (the same calls as the reference's), as the segments of colour maps to apply."""
@@ -112,11 +144,23 @@ class FastTwoViewTransform(TwoViewTransform):
         return plan.segments()
 
 
+def _rgb_pixels(img: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of a PIL image (any mode `_as_rgb` takes) or of an RGB array."""
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise TypeError(f"expected an (H, W, 3) uint8 RGB array, got {img.dtype} {img.shape}; decode images "
+                            "with decode_rgb_array or a dataset's arrays=True")
+        return img
+    img = _as_rgb(img)
+    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width, 3)  # read-only
+
+
 # A colour map y = alpha x + beta grey(x) + gamma (the same for every channel; PIL's truncation to integers
 # emulated by gamma -= 0.5 per enhancer), then a clip of y to [lo, hi].
 Segment = tuple[float, float, float, float, float]  # (alpha, beta, gamma, lo, hi)
+MAX_SEGMENTS = 3  # one per enhancer at most (`_Plan`)
+PLAN_SIZE = 1 + 5 * MAX_SEGMENTS  # a deferred sample's plan: tokenizer view from the patch view (1.0) or not, segments
 _IDENTITY: Segment = (1.0, 0.0, 0.0, 0.0, 255.0)
-_ONES, _ZEROS = (1.0,) * 3, (0.0,) * 3
 
 
 class _Plan:
@@ -162,51 +206,52 @@ class _Plan:
         return [*self.done, self._segment()]
 
 
-def _resize(x: Tensor, size: int, flip: bool) -> np.ndarray:
+def _resize(x: Tensor, size: int, flip: bool) -> Tensor:
     """(1, 3, h, w) channels-last uint8 -> (3, size, size) uint8: torch's antialiased bicubic, PIL's weights (its
     vectorised uint8 kernel takes channels-last input). ``flip``: mirrored, which is the same as resizing the
     mirrored box (the filter is symmetric)."""
     out = F.interpolate(x, (size, size), mode="bicubic", antialias=True)[0]
-    return (out.flip(-1) if flip else out).numpy()
+    return (out.flip(-1) if flip else out).contiguous()
 
 
-def _box_unnormalise(view: np.ndarray, k: int, std: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """The k x k box average of a normalised (3, H, W) view, mapped back to [0, 1]: (3, H / k, W / k)."""
-    _, h, w = view.shape
-    if k == 1:
-        out = view * std
-    else:
-        rows = view.reshape(3, h // k, k, w)
-        out = rows[:, :, 0] + rows[:, :, 1]  # (3, H / k, W): the k rows summed
-        for i in range(2, k):
-            out += rows[:, :, i]
-        # then the k columns, a matrix-vector product over each run of k; with the 1 / k^2
-        out = (out.reshape(-1, k) @ np.full(k, 1 / (k * k), dtype=np.float32)).reshape(3, h // k, w // k)
-        out *= std
-    out += mean
-    return np.clip(out, 0.0, 1.0, out=out)
+def _plan_tensor(segments: list[Segment], from_patch: float) -> Tensor:
+    """(PLAN_SIZE,) float32: ``from_patch``, then the segments padded with identities (no pixel in range moves)."""
+    if len(segments) > MAX_SEGMENTS:
+        raise AssertionError(f"{len(segments)} colour segments, at most {MAX_SEGMENTS} expected")
+    segments = segments + [_IDENTITY] * (MAX_SEGMENTS - len(segments))
+    return torch.tensor([from_patch, *(value for seg in segments for value in seg)], dtype=torch.float32)
 
 
-def _apply(view: np.ndarray, segments: list[Segment], k: tuple[float, ...], e: tuple[float, ...]) -> np.ndarray:
-    """(3, H, W) uint8 -> float32: each segment's ``clip(alpha x + beta grey(x) + gamma, lo, hi)`` in turn, the
-    last one followed by the per-channel ``k y + e`` (k > 0: fused into it, the clip moved to k lo + e, k hi + e)."""
-    _, h, w = view.shape
-    x = view.reshape(3, h * w)  # (3, N)
-    for i, (alpha, beta, gamma, lo, hi) in enumerate(segments):
-        kc, ec = (k, e) if i == len(segments) - 1 else (_ONES, _ZEROS)
-        # per channel c: the row of the 3x3 map, then the offset and the two bounds
-        table = np.array([[kc[c] * (alpha * (c == j) + beta * GREY[j]) for j in range(3)]
-                          + [kc[c] * gamma + ec[c], kc[c] * lo + ec[c], kc[c] * hi + ec[c]] for c in range(3)],
-                         dtype=np.float32)
-        if beta:  # saturation mixes the channels
-            x = np.matmul(table[:, :3], x, dtype=np.float32)
-        elif x.dtype == np.float32:  # brightness and contrast: a diagonal map
-            x *= table[:, :3].diagonal()[:, None]
+class PlanHints(NamedTuple):
+    """What a batch's plans need, read while they are on the CPU (on a device it would cost a sync)."""
+    slots: list[tuple[int, bool]]  # (slot, mixes channels) of the segment slots not the identity for every sample
+    own_tokenizer_view: bool  # some sample's tokenizer view is its own (not the patch view box-averaged)
+
+    @classmethod
+    def of(cls, plan: Tensor) -> "PlanHints":
+        seg = plan[:, 1:].reshape(-1, MAX_SEGMENTS, 5)
+        identity = torch.tensor(_IDENTITY, dtype=plan.dtype)
+        return cls([(i, bool((seg[:, i, 1] != 0).any())) for i in range(MAX_SEGMENTS) if (seg[:, i] != identity).any()],
+                   bool((plan[:, 0] < 0.5).any()))
+
+
+def _apply_plan(x: Tensor, plan: Tensor, slots: list[tuple[int, bool]] | None = None) -> Tensor:
+    """(B, 3, H, W) float pixels in [0, 255] through each sample's segments, in place: ``clip(alpha x + beta grey(x)
+    + gamma, lo, hi)`` in turn (``plan[:, 1:]``, MAX_SEGMENTS x 5 values a sample); ``slots`` (`PlanHints.slots`) skips those that are the identity for every sample and the grey where no sample mixes channels."""
+    seg = plan[:, 1:].reshape(-1, MAX_SEGMENTS, 5, 1, 1, 1)  # (B, segment, value, 1, 1, 1)
+    for i, mixes in slots if slots is not None else [(i, True) for i in range(MAX_SEGMENTS)]:
+        alpha, beta, gamma, lo, hi = seg[:, i].unbind(1)  # each (B, 1, 1, 1)
+        if mixes:
+            grey = torch.add(x[:, 0:1] * GREY[0], x[:, 1:2], alpha=GREY[1]).add_(x[:, 2:3], alpha=GREY[2])
+            x.mul_(alpha).add_(grey.mul_(beta).add_(gamma))  # grey: (B, 1, H, W)
         else:
-            x = np.multiply(x, table[:, :3].diagonal()[:, None], dtype=np.float32)
-        x += table[:, 3:4]
-        np.clip(x, table[:, 4:5], table[:, 5:6], out=x)
-    return x.reshape(3, h, w)
+            x.mul_(alpha).add_(gamma)
+        if x.device.type == "cpu":  # a clamp to per-sample bounds broadcast is 15x slower there than to numbers
+            for sample, low, high in zip(x, lo.flatten().tolist(), hi.flatten().tolist()):
+                sample.clamp_(low, high)
+        else:
+            torch.clamp(x, lo, hi, out=x)
+    return x
 
 
 def _jitter_pixels(pixels: np.ndarray, segments: list[Segment]) -> np.ndarray:
@@ -249,7 +294,30 @@ TRANSFORMS = {"fast": FastTwoViewTransform, "reference": TwoViewTransform}  # da
 
 def two_view_transform(kind: str, img_size: int, tokenizer_size: int, **kwargs) -> TwoViewTransform:
     """The training two-view transform ``data.transform`` names (``fast`` or ``reference``), built with
-    `TwoViewTransform`'s arguments."""
+    `TwoViewTransform`'s arguments. ``fast`` defers its colour maps to `finish_batch` (uint8 views leave the
+    loader workers) and reads arrays (`takes_arrays`)."""
     if kind not in TRANSFORMS:
         raise ValueError(f"data.transform={kind!r} must be one of {', '.join(TRANSFORMS)}")
+    if kind == "fast":
+        return FastTwoViewTransform(img_size, tokenizer_size, defer=True, **kwargs)
     return TRANSFORMS[kind](img_size, tokenizer_size, **kwargs)
+
+
+def takes_arrays(transform) -> bool:
+    """Whether ``transform`` reads (H, W, 3) uint8 arrays, so its dataset should decode with ``arrays=True``."""
+    return isinstance(transform, FastTwoViewTransform)
+
+
+def finish_batch(batch: dict, transform, device: torch.device) -> dict:
+    """A loader batch with its views finished on ``device``: the deferred ones (a ``view_plan`` entry, from a
+    ``defer`` `FastTwoViewTransform`) through `FastTwoViewTransform.finish` there, batched; others moved as
+    they are. ``image`` and ``tokenizer_view`` come back float32 on ``device``."""
+    if "view_plan" not in batch:
+        return {**batch, "image": batch["image"].to(device, non_blocking=True),
+                "tokenizer_view": batch["tokenizer_view"].to(device, non_blocking=True)}
+    out = {k: v for k, v in batch.items() if k != "view_plan"}
+    plan = batch["view_plan"]
+    out["image"], out["tokenizer_view"] = transform.finish(batch["image"].to(device, non_blocking=True),
+                                                           batch["tokenizer_view"].to(device, non_blocking=True),
+                                                           plan.to(device, non_blocking=True), PlanHints.of(plan))
+    return out

@@ -37,6 +37,8 @@ class MIMDataset(Dataset):
       (tokenizer training uses the same dataset without masks).
     - ``index``: the requested index (negative indices counted from the end).
     - ``label``: the class index from `base` (unused by pretraining, handy for probes).
+    - ``view_plan``: only from a deferred transform (`FastTwoViewTransform` with ``defer``), whose views are then
+      uint8 before the colour maps: `finish_batch` completes a batch of them on the training device.
 
     The transform runs with torch, numpy and Python's ``random`` seeded from ``(seed, epoch, index)``
     (:func:`~beit_scale.data.seeding.seeded_sample`); the global RNG states are restored afterwards.
@@ -84,14 +86,16 @@ class MIMDataset(Dataset):
         mask_rng, sample_seed = sample_seeds(self.seed, self.epoch, index)
 
         with seeded_sample(sample_seed):
-            image, tokenizer_view = self.transform(img)
+            views = self.transform(img)
 
         sample: dict[str, Any] = {
-            "image": image,  # (3, img_size, img_size)
-            "tokenizer_view": tokenizer_view,  # (3, tokenizer_size, tokenizer_size)
+            "image": views[0],  # (3, img_size, img_size)
+            "tokenizer_view": views[1],  # (3, tokenizer_size, tokenizer_size)
             "index": index,
             "label": int(label),
         }
+        if len(views) == 3:  # a deferred transform: uint8 views and the plan that finishes them on the device
+            sample["view_plan"] = views[2]
         if self.mask_generator is not None:
             mask = np.asarray(self.mask_generator(mask_rng))
             if mask.dtype != np.bool_ or mask.ndim != 2:

@@ -9,12 +9,12 @@ from torchvision.utils import make_grid, save_image
 
 def save_mask_grid(batch: dict, mean, std, path: Path, writer=None, num: int = 8) -> None:
     """Patch views of the first images with their masked patches greyed out."""
-    images = batch["image"][:num].float()
+    images = batch["image"][:num].float().cpu()
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     images = (images * std_t + mean_t).clamp(0, 1)  # (n, 3, H, W) in [0, 1]
     n, _, h, w = images.shape
     grid = int(batch["mask"].shape[1] ** 0.5)
-    mask = batch["mask"][:num].view(n, 1, grid, grid).float()
+    mask = batch["mask"][:num].view(n, 1, grid, grid).float().cpu()
     mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="nearest")  # (n, 1, H, W)
     masked = images * (1 - mask) + 0.5 * mask
     _save(torch.cat([images, masked]), n, path, writer, "pretrain/masks")

@@ -14,7 +14,7 @@ from beit_scale.checkpoint.tokenizer_file import load_tokenizer
 from beit_scale.checkpoint.weights import save_weights
 from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, make_loader, open_images
-from beit_scale.data.fast_views import two_view_transform
+from beit_scale.data.fast_views import finish_batch, takes_arrays, two_view_transform
 from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, get_spec, masked_positions
@@ -85,10 +85,12 @@ class Pretrain(Task):
 
     def train_set(self, run: Run) -> MIMDataset:
         d, tok = run.cfg.data, self.tokenizer
-        transform = two_view_transform(d.transform, self.img_size, tok.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                       color_jitter=d.color_jitter, mean=d.mean, std=d.std,
-                                       tokenizer_pixel_map=tok.map_pixels)
-        return MIMDataset(open_images(d, d.root), transform, self.mask_gen, run.cfg.run.seed)
+        # `micro_step` finishes the views on the device (fast: the loader hands over uint8 views)
+        self.view_transform = two_view_transform(d.transform, self.img_size, tok.input_size, scale=d.crop_scale,
+                                                 hflip=d.hflip, color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+                                                 tokenizer_pixel_map=tok.map_pixels)
+        images = open_images(d, d.root, arrays=takes_arrays(self.view_transform))
+        return MIMDataset(images, self.view_transform, self.mask_gen, run.cfg.run.seed)
 
     def flops_per_image(self, run: Run) -> float:
         """The BEiT's (the tokenizer's labelling is not counted): blocks over every patch, head on the masked."""
@@ -116,6 +118,7 @@ class Pretrain(Task):
         self.agreement_checked = True
 
     def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
+        batch = finish_batch(batch, self.view_transform, run.device)
         if step == 0 and run.rank == 0:
             save_mask_grid(batch, run.cfg.data.mean, run.cfg.data.std, run.layout.images / "masks.png", run.writer)
         if not self.agreement_checked:

@@ -11,7 +11,7 @@ from beit_scale.checkpoint.gather import full_state_dict
 from beit_scale.checkpoint.tokenizer_file import load_tokenizer, save_tokenizer
 from beit_scale.config import Config
 from beit_scale.data import EvalTwoView, MIMDataset, open_images
-from beit_scale.data.fast_views import two_view_transform
+from beit_scale.data.fast_views import finish_batch, takes_arrays, two_view_transform
 from beit_scale.tokenizers import DiscreteVAE, DVAEArch, codebook_stats, gumbel_temperature
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_reconstructions
@@ -35,16 +35,18 @@ class TrainTokenizer(Task):
     def train_set(self, run: Run) -> MIMDataset:
         d, t = run.cfg.data, run.cfg.tokenizer
         # The tokenizer reads only its own view; the patch view is made at the same size and ignored.
-        transform = two_view_transform(d.transform, t.input_size, t.input_size, scale=d.crop_scale, hflip=d.hflip,
-                                       color_jitter=d.color_jitter, tokenizer_pixel_map=self.model.map_pixels)
-        return MIMDataset(open_images(d, d.root), transform, None, run.cfg.run.seed)
+        self.view_transform = two_view_transform(d.transform, t.input_size, t.input_size, scale=d.crop_scale,
+                                                 hflip=d.hflip, color_jitter=d.color_jitter,
+                                                 tokenizer_pixel_map=self.model.map_pixels)
+        images = open_images(d, d.root, arrays=takes_arrays(self.view_transform))
+        return MIMDataset(images, self.view_transform, None, run.cfg.run.seed)
 
     def begin_step(self, run: Run, step: int) -> None:
         t = run.cfg.tokenizer
         self.temperature = gumbel_temperature(step, self.anneal_steps, t.temperature_start, t.temperature_end)
 
     def micro_step(self, run: Run, batch: dict, step: int) -> MicroStep:
-        views = batch["tokenizer_view"].to(run.device, run.dtype, non_blocking=True)
+        views = finish_batch(batch, self.view_transform, run.device)["tokenizer_view"].to(run.dtype)
         out = run.engine(views, self.temperature, run.cfg.tokenizer.kl_weight)
         return MicroStep(out.loss, {"recon_loss": out.recon_loss, "kl": out.kl}, (out.logits, views))
 

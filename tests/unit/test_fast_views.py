@@ -8,6 +8,7 @@ by -0.5, torch's bicubic against PIL's (within a level), contrast's grey mean re
 level), and for the tokenizer view of a box larger than it a box average of the bicubic patch view (or a bicubic
 resize) instead of lanczos.
 """
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from torchvision.transforms import ColorJitter, RandomResizedCrop
 from beit_scale.config import load_config
 from beit_scale.data import SafeImageFolder, TwoViewTransform, export_fashion_mnist
 from beit_scale.data import fast_views
-from beit_scale.data.fast_views import FastTwoViewTransform, two_view_transform
+from beit_scale.data.fast_views import FastTwoViewTransform, takes_arrays, two_view_transform
+from beit_scale.data.folder import decode_rgb, decode_rgb_array
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -77,7 +79,7 @@ def test_fast_makes_the_reference_draws_in_order_and_cuts_the_same_boxes(monkeyp
 
     def crop_spy(img, scale, ratio):
         out = crop(img, scale, ratio)
-        calls[who[0]].append(("box", img.size, out))
+        calls[who[0]].append(("box", tuple(TF.get_dimensions(img)), out))  # fast passes a stand-in of that size
         return out
 
     monkeypatch.setattr(ColorJitter, "get_params", staticmethod(jitter_spy))
@@ -171,8 +173,9 @@ def test_composed_colour_maps_equal_the_enhancers_clipped_one_by_one():
             alpha, beta, gamma = {0: (f, 0.0, -0.5), 1: (f, 0.0, (1 - f) * mean - 0.5), 2: (f, 1 - f, -0.5)}[op]
             plan.add(alpha, beta, gamma)
             y = np.clip(alpha * y + beta * (grey @ y) + gamma, 0, 255)  # brightness, contrast, saturation
-        composed = fast_views._apply(x.reshape(3, 64, 1), plan.segments(), (1.0,) * 3, (0.0,) * 3)
-        assert np.abs(composed.reshape(3, 64) - y).max() <= fast_views.BIND_TOLERANCE
+        plan_row = fast_views._plan_tensor(plan.segments(), 0.0)[None]  # (1, PLAN_SIZE)
+        composed = fast_views._apply_plan(torch.from_numpy(x).float().view(1, 3, 64, 1), plan_row)
+        assert np.abs(composed.numpy().reshape(3, 64) - y).max() <= fast_views.BIND_TOLERANCE
 
 
 def pil_grey_mean(img, done):
@@ -209,7 +212,7 @@ def test_outputs_have_the_reference_shapes_dtypes_and_ranges():
 
 
 def test_data_transform_names_the_training_transform():
-    assert type(two_view_transform("fast", 32, 16)) is FastTwoViewTransform
+    assert type(two_view_transform("fast", 32, 16)) is FastTwoViewTransform and two_view_transform("fast", 32, 16).defer
     assert type(two_view_transform("reference", 32, 16)) is TwoViewTransform
     with pytest.raises(ValueError, match="data.transform='pil' must be one of fast, reference"):
         two_view_transform("pil", 32, 16)
@@ -217,3 +220,82 @@ def test_data_transform_names_the_training_transform():
     assert load_config("quickstart_pretrain", ["data.transform=reference"]).data.transform == "reference"
     with pytest.raises(ValueError, match=r"data\.transform='pil' must be one of 'fast', 'reference'"):
         load_config("quickstart_pretrain", ["data.transform=pil"])
+
+
+def _jpeg(img: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_array_decode_gives_pils_pixels_and_errors(photos):
+    """libjpeg-turbo through simplejpeg for YCbCr and grey JPEGs, PIL for the rest: the same pixels as
+    `decode_rgb` in every case, and a damaged file raises what `decode_rgb` raises."""
+    photo = photos[0]
+    rgba = Image.fromarray(np.asarray(photo)[:40, :50]).convert("RGBA")
+    cases = {"baseline": _jpeg(photo, quality=90), "progressive": _jpeg(photo, progressive=True),
+             "subsampling 4:4:4": _jpeg(photo, subsampling=0), "grey": _jpeg(photo.convert("L")),
+             "cmyk": _jpeg(photo.convert("CMYK")), "png with alpha": _png(rgba), "palette png": _png(rgba.convert("RGB").convert("P"))}
+    for name, data in cases.items():
+        array = decode_rgb_array(data)
+        assert array.dtype == np.uint8 and array.shape[2] == 3, name
+        assert np.array_equal(array, np.asarray(decode_rgb(data))), name
+    truncated = cases["baseline"][: len(cases["baseline"]) // 3]
+    with pytest.raises(OSError) as by_pil:
+        decode_rgb(truncated)
+    with pytest.raises(type(by_pil.value)):
+        decode_rgb_array(truncated)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_arrays_and_pil_images_give_the_same_views(photos):
+    fast = FastTwoViewTransform(64, 32)
+    for seed in range(6):
+        img = photos[seed % 2]
+        torch.manual_seed(seed)
+        from_pil = fast(img)
+        torch.manual_seed(seed)
+        from_array = fast(np.asarray(img))
+        assert all(torch.equal(a, b) for a, b in zip(from_pil, from_array))
+    with pytest.raises(TypeError, match=r"\(H, W, 3\) uint8 RGB array"):
+        fast(np.zeros((8, 8), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("img_size,tok_size", [(64, 32), (48, 20)])  # box-averaged tokenizer view / its own resize
+def test_deferred_views_finished_as_a_batch_equal_the_per_sample_views(photos, img_size, tok_size):
+    """The loader hands over uint8 views and a plan; `finish_batch` on the device gives the views `__call__` gives,
+    for crops the resize reduces, enlarges (jittered before it), and smaller than the tokenizer view (lanczos)."""
+    kwargs = dict(scale=(0.0002, 1.0), tokenizer_pixel_map=lambda x: 0.8 * x + 0.1)
+    eager, deferred = FastTwoViewTransform(img_size, tok_size, **kwargs), FastTwoViewTransform(
+        img_size, tok_size, defer=True, **kwargs)
+    images = [photos[0], photos[1].resize((80, 60))]  # the small one: boxes under both view sizes
+    samples, expected = [], []
+    for seed in range(24):
+        torch.manual_seed(seed)
+        expected.append(eager(images[seed % 2]))
+        torch.manual_seed(seed)
+        patch, tok, plan = deferred(images[seed % 2])
+        assert patch.dtype == tok.dtype == torch.uint8 and plan.shape == (fast_views.PLAN_SIZE,)
+        samples.append({"image": patch, "tokenizer_view": tok, "view_plan": plan})
+    batch = fast_views.finish_batch(torch.utils.data.default_collate(samples), deferred, torch.device("cpu"))
+    assert "view_plan" not in batch and batch["image"].dtype == torch.float32
+    assert torch.allclose(batch["image"], torch.stack([p for p, _ in expected]), atol=1e-5)
+    assert torch.allclose(batch["tokenizer_view"], torch.stack([t for _, t in expected]), atol=1e-5)
+    # both routes to the tokenizer view were taken where the sizes allow them
+    plans = torch.stack([s["view_plan"] for s in samples])
+    assert (plans[:, 0] == 1).any() == (img_size % tok_size == 0) and (plans[:, 0] == 0).any()
+
+
+def test_a_dataset_decodes_to_arrays_for_the_fast_transform(tmp_path, photos):
+    for cls, img in zip("ab", photos):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "x.jpg").write_bytes(_jpeg(img))
+    pil, arrays = SafeImageFolder(tmp_path), SafeImageFolder(tmp_path, arrays=True)
+    for i in range(2):
+        assert isinstance(arrays[i][0], np.ndarray) and np.array_equal(arrays[i][0], np.asarray(pil[i][0]))
+    assert takes_arrays(two_view_transform("fast", 32, 16)) and not takes_arrays(two_view_transform("reference", 32, 16))
