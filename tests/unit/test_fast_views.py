@@ -295,7 +295,10 @@ def test_a_dataset_decodes_to_arrays_for_the_fast_transform(tmp_path, photos):
     for cls, img in zip("ab", photos):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / "x.jpg").write_bytes(_jpeg(img))
+    data = _jpeg(photos[0])
+    (tmp_path / "a" / "y.jpg").write_bytes(data[: len(data) // 2])  # truncated: skipped as by the PIL path
     pil, arrays = SafeImageFolder(tmp_path), SafeImageFolder(tmp_path, arrays=True)
-    for i in range(2):
+    for i in range(3):
         assert isinstance(arrays[i][0], np.ndarray) and np.array_equal(arrays[i][0], np.asarray(pil[i][0]))
+    assert arrays.bad_paths == pil.bad_paths == {str(tmp_path / "a" / "y.jpg")}
     assert takes_arrays(two_view_transform("fast", 32, 16)) and not takes_arrays(two_view_transform("reference", 32, 16))
