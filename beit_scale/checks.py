@@ -175,12 +175,20 @@ def _check_pretrain(cfg: Config, grid: int, img: int) -> None:
 
 def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
     from beit_scale.checkpoint.tokenizer_file import read_tokenizer_arch
-    from beit_scale.tokenizers import check_token_grid
+    from beit_scale.tokenizers import DallEArch, check_token_grid
 
     if not cfg.tokenizer.path:
         raise ValueError("tokenizer.path is empty; pretraining needs a trained tokenizer: run `beit-scale train-tokenizer` first")
     arch = read_tokenizer_arch(cfg.tokenizer.path)
-    check_token_grid(arch.input_size, arch.downsample, img, get_spec(cfg.model.name).patch_size)
+    try:
+        check_token_grid(arch.input_size, arch.downsample, img, get_spec(cfg.model.name).patch_size)
+    except ValueError as err:
+        if not isinstance(arch, DallEArch):
+            raise
+        # DALL-E's view size is recorded in the converted file, not read from the config
+        raise ValueError(f"{err} (tokenizer.path={cfg.tokenizer.path!r} is DALL-E's encoder converted for a "
+                         f"{arch.input_size} px view: convert encoder.pkl again with `beit-scale convert-tokenizer "
+                         "dall-e ... --input-size` of that size and point tokenizer.path at it)") from None
 
 
 def _check_tokenizer_arch(cfg: Config, grid: int, img: int) -> None:

@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--workers", type=int, default=None, metavar="N",
                     help="processes reading, checking and writing (default: the CPUs available); the shards do not "
                     "depend on it")
+    ct = sub.add_parser("convert-tokenizer", help="a published tokenizer -> a tokenizer file (tokenizer.path)",
+                        description="Convert OpenAI's DALL-E dVAE encoder (encoder.pkl, a pickled dall_e.Encoder) into "
+                        "a safetensors tokenizer file for tokenizer.path. The pickle is read only with --trust-pickle, "
+                        "and then with an unpickler that admits only the classes such a file holds.")
+    ct.add_argument("kind", choices=["dall-e"], help="which published tokenizer SOURCE is")
+    ct.add_argument("source", help="the official file, e.g. encoder.pkl from https://cdn.openai.com/dall-e/")
+    ct.add_argument("out", help="output .safetensors path")
+    ct.add_argument("--trust-pickle", action="store_true",
+                    help="allow reading SOURCE, a pickle (restricted to the DALL-E encoder's classes)")
+    ct.add_argument("--input-size", type=int, default=112, metavar="PX",
+                    help="tokenizer view in px the file records, a multiple of 8: 112 (14x14 tokens, patch 16 at "
+                    "224 px; default) or 128 (16x16, the giant's patch 14)")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -169,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             manifest = write_shards(args.src, args.out, args.shard_size, args.workers)
             print(f"{Path(args.out) / 'manifest.json'}: {manifest['num_samples']} images of {len(manifest['classes'])} "
                   f"classes in {len(manifest['shards'])} shards; {len(manifest['corrupt'])} unreadable images left out")
+        elif args.command == "convert-tokenizer":
+            from beit_scale.checkpoint.tokenizer_file import convert_dall_e
+
+            arch = convert_dall_e(args.source, args.out, args.input_size, args.trust_pickle)
+            print(f"{args.out}: DALL-E encoder, {arch.vocab_size} tokens, {arch.input_size} px view "
+                  f"({arch.grid_size}x{arch.grid_size} tokens); use it as tokenizer.path={args.out}")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 

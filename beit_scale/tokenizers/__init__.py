@@ -1,9 +1,12 @@
-"""Visual tokenizers for BEiT: the :class:`VisualTokenizer` protocol and a trainable discrete VAE."""
+"""Visual tokenizers for BEiT: the :class:`VisualTokenizer` protocol, a trainable discrete VAE and DALL-E's encoder."""
 
 from beit_scale.tokenizers.base import VisualTokenizer, check_token_grid, codebook_stats
+from beit_scale.tokenizers.dall_e import DallEArch, DallEEncoder
 from beit_scale.tokenizers.dvae import DiscreteVAE, DVAEArch, DVAEOutput, gumbel_temperature
 
 __all__ = [
+    "DallEArch",
+    "DallEEncoder",
     "DVAEArch",
     "DVAEOutput",
     "DiscreteVAE",

@@ -23,15 +23,22 @@ Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _downsamples(module: nn.Module) -> bool:
+    """A strided convolution (the dVAE) or a max pool (DALL-E's encoder)."""
+    return (isinstance(module, nn.Conv2d) and module.stride != (1, 1)) or isinstance(module, nn.MaxPool2d)
+
+
 def split_encoder(encoder: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
-    """``(trunk, bottom)``: the encoder before its last stride-2 conv, and that conv with the layers after it.
+    """``(trunk, bottom)``: the encoder before its last downsampling layer (a strided conv or a max pool), and
+    that layer with the layers after it.
 
     Raises:
-        ValueError: The encoder has no stride-2 convolution (no downsampling stage to split at).
+        ValueError: The encoder has no downsampling layer (no lowest-resolution stage to split at).
     """
-    downs = [i for i, m in enumerate(encoder) if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
+    downs = [i for i, m in enumerate(encoder) if _downsamples(m)]
     if not downs:
-        raise ValueError("the tokenizer's encoder has no downsampling convolution to split the fp32 stage at")
+        raise ValueError("the tokenizer's encoder has no downsampling layer (strided conv or max pool) to split the "
+                         "fp32 stage at")
     return encoder[: downs[-1]], encoder[downs[-1]:]
 
 
@@ -41,8 +48,9 @@ class Labeler(nn.Module):
     A :class:`~beit_scale.tokenizers.VisualTokenizer` itself (the tokenizer's sizes and pixel map).
 
     Args:
-        tokenizer: A :class:`~beit_scale.tokenizers.DiscreteVAE` (anything with an ``encoder`` Sequential of
-            convolutions ending in logits, ``input_size`` and ``vocab_size``), in eval mode, on its device.
+        tokenizer: A :class:`~beit_scale.tokenizers.DiscreteVAE` or :class:`~beit_scale.tokenizers.DallEEncoder`
+            (anything with an ``encoder`` Sequential of convolutions ending in logits, ``input_size`` and
+            ``vocab_size``), in eval mode, on its device.
         precision: ``fp32`` (the tokenizer's own ``encode``, exact), ``fp16`` or ``bf16`` (trunk under autocast,
             bottom stage in fp32).
         channels_last: Run the convolutions in channels-last memory format (faster on GPUs with tensor cores;
