@@ -170,7 +170,8 @@ def _check_masking(cfg: Config, grid: int) -> None:
 
 def _check_pretrain(cfg: Config, grid: int, img: int) -> None:
     _check_masking(cfg, grid)
-    _check_tokenizer_file(cfg, grid, img)
+    if cfg.masking.target == "tokens":  # pixels: no tokenizer is read, tokenizer.* is ignored (path may be empty)
+        _check_tokenizer_file(cfg, grid, img)
 
 
 def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
@@ -178,7 +179,8 @@ def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
     from beit_scale.tokenizers import DallEArch, check_token_grid
 
     if not cfg.tokenizer.path:
-        raise ValueError("tokenizer.path is empty; pretraining needs a trained tokenizer: run `beit-scale train-tokenizer` first")
+        raise ValueError("tokenizer.path is empty; pretraining with masking.target=tokens needs a trained tokenizer: run "
+                         "`beit-scale train-tokenizer` first (or set masking.target=pixels to regress pixels instead)")
     arch = read_tokenizer_arch(cfg.tokenizer.path)
     try:
         check_token_grid(arch.input_size, arch.downsample, img, get_spec(cfg.model.name).patch_size)

@@ -63,6 +63,11 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class MaskingConfig:
     kind: Literal["blockwise", "random"] = "blockwise"  # Algorithm 1 of the paper, or the random ablation
+    # What a masked patch is asked to recover; here beside `kind`, as the paper's ablation table puts them, and in
+    # the section only MIM jobs read (model is shared with fine-tuning, where a target means nothing).
+    # tokens: its visual token (softmax over the tokenizer's vocabulary; needs tokenizer.path);
+    # pixels: its patch-view pixels, normalised per patch (MAE's norm_pix_loss), MSE; no tokenizer is read.
+    target: Literal["tokens", "pixels"] = "tokens"
     num_masked: int = 75  # masked patches per image (75 of 196 at 224 px)
     min_block_patches: int = 16  # smallest block, in patches
     min_aspect: float = 0.3  # block aspect ratio is log-uniform in [min_aspect, 1/min_aspect]

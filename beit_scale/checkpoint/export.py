@@ -155,10 +155,11 @@ def timm_state_dict(sd: dict[str, torch.Tensor], model_name: str) -> tuple[dict[
 
     spec = get_spec(model_name)
     img_size = _img_size_of(sd, spec.patch_size)
-    if SHARED_TABLE in sd or "lm_head.weight" in sd:
+    if SHARED_TABLE in sd or "lm_head.weight" in sd or "pixel_head.weight" in sd:
         return mim_to_timm_backbone(sd, spec, img_size), 0, img_size
     if "head.weight" not in sd:
-        raise ValueError("the source is neither a BEiT pretraining nor a classifier state dict (no lm_head, no head)")
+        raise ValueError("the source is neither a BEiT pretraining nor a classifier state dict (no lm_head, "
+                         "pixel_head or head)")
     return to_timm_state_dict(sd), sd["head.weight"].shape[0], img_size
 
 

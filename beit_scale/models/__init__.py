@@ -11,8 +11,9 @@ __all__ = ["ZOO", "BeitSpec", "BeitMIM", "backbone_param_count", "get_spec", "bu
            "mim_to_timm_backbone", "to_timm_state_dict", "LinearProbe"]
 
 
-def build_mim_model(cfg, vocab_size: int) -> BeitMIM:
-    """Build the MIM model from ``cfg.model`` (a ModelConfig) for a tokenizer with ``vocab_size`` tokens."""
-    model = BeitMIM(get_spec(cfg.name), vocab_size, cfg.img_size, cfg.drop_path, cfg.layer_scale)
+def build_mim_model(cfg, vocab_size: int, target: str = "tokens") -> BeitMIM:
+    """Build the MIM model from ``cfg.model`` (a ModelConfig) for a tokenizer with ``vocab_size`` tokens, or with the
+    pixel head for ``target='pixels'`` (``masking.target``; ``vocab_size`` unused)."""
+    model = BeitMIM(get_spec(cfg.name), vocab_size, cfg.img_size, cfg.drop_path, cfg.layer_scale, target)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model

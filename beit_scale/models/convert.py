@@ -7,7 +7,8 @@ Conventions are those of the BEiT reference fine-tuning code (arXiv 2106.08254):
 * A table whose window differs from the model's (fine-tuning at 384 px after 224 px pretraining) is resized
   with timm's ``resize_rel_pos_bias_table`` (the reference code's geometric-progression interpolation; the three
   [CLS] entries are kept as they are), the same call timm's ``beit.checkpoint_filter_fn`` makes.
-* The MIM head (``lm_head``), the [M] embedding (``mask_token``) and the pretraining final ``norm`` are dropped:
+* The MIM head (``lm_head``, or ``pixel_head`` of a ``masking.target=pixels`` run), the [M] embedding
+  (``mask_token``) and the pretraining final ``norm`` are dropped:
   the classifier mean-pools the patch tokens and normalises with a fresh ``fc_norm``, as the reference does.
   Copying ``norm`` into ``fc_norm`` would not carry the pretrained function over (LN of a mean is not the mean
   of LNs) and would depart from the published recipe.
@@ -38,7 +39,7 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 # Buffers timm's Beit registers with persistent=False (rebuilt at construction): never in its state dict.
 NON_PERSISTENT_BUFFERS = ("relative_position_index", "k_bias")
 # Pretraining-only keys, dropped when the target model has no such parameter.
-PRETRAINING_ONLY = ("lm_head.", "mask_token", "norm.")
+PRETRAINING_ONLY = ("lm_head.", "pixel_head.", "mask_token", "norm.")
 # Classifier-only keys: left at the target's init when the checkpoint lacks them, dropped when the target lacks them.
 CLASSIFIER_ONLY = ("fc_norm.", "head.")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -67,7 +68,7 @@ def to_timm_state_dict(sd: StateDict) -> dict[str, torch.Tensor]:
     Identity on keys and values; a pretraining (BeitMIM) state dict is refused, since it needs the conversion of
     :func:`mim_to_timm_backbone` (shared table expansion, head drop).
     """
-    mim = sorted(k for k in sd if k == SHARED_TABLE or k.startswith(("lm_head.", "mask_token")))
+    mim = sorted(k for k in sd if k == SHARED_TABLE or k.startswith(("lm_head.", "pixel_head.", "mask_token")))
     if mim:
         raise ValueError(f"{mim} belong to a pretraining (BeitMIM) state dict; convert it with "
                          "mim_to_timm_backbone(sd, spec) or mim_to_classifier_state_dict(sd, classifier)")

@@ -1,7 +1,7 @@
 """BEiT for masked image modeling, built on timm's ``Beit`` (its blocks, patch embedding and init)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from timm.layers import trunc_normal_
@@ -13,7 +13,11 @@ from beit_scale.models.zoo import BeitSpec
 
 
 class BeitMIM(Beit):
-    """timm's ``Beit`` with the learned [M] embedding and a linear head over the visual vocabulary.
+    """timm's ``Beit`` with the learned [M] embedding and a linear head on the masked patches.
+
+    The head (``masking.target``) is ``lm_head``, logits over the visual vocabulary (``target='tokens'``, BEiT), or
+    ``pixel_head``, the ``patch_size**2 * 3`` pixels of the patch (``target='pixels'``, the paper's "recover masked
+    pixels" ablation). The names differ so that one never loads into the other silently.
 
     The backbone keeps timm's parameter names, so its state dict maps onto ``timm.create_model('beit_*')``
     (shared relative position bias, no absolute position embedding, as in BEiT pretraining).
@@ -28,6 +32,7 @@ class BeitMIM(Beit):
         img_size: Optional[int] = None,
         drop_path: float = 0.1,
         layer_scale: Optional[float] = None,
+        target: Literal["tokens", "pixels"] = "tokens",
     ):
         super().__init__(
             img_size=img_size or spec.img_size,
@@ -44,12 +49,19 @@ class BeitMIM(Beit):
             use_rel_pos_bias=False,
             use_shared_rel_pos_bias=True,
         )
-        self.vocab_size = vocab_size
+        if target not in ("tokens", "pixels"):
+            raise ValueError(f"masking.target={target!r} must be 'tokens' or 'pixels'")
+        self.target = target
+        self.vocab_size = vocab_size if target == "tokens" else 0  # pixels: no vocabulary
         self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
-        self.lm_head = nn.Linear(spec.embed_dim, vocab_size)
+        if target == "tokens":
+            self.lm_head = nn.Linear(spec.embed_dim, vocab_size)
+        else:
+            self.pixel_head = nn.Linear(spec.embed_dim, spec.patch_size ** 2 * 3)
+        head = self.lm_head if target == "tokens" else self.pixel_head
         trunc_normal_(self.mask_token, std=0.02)
-        trunc_normal_(self.lm_head.weight, std=0.02)
-        nn.init.zeros_(self.lm_head.bias)
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -60,7 +72,7 @@ class BeitMIM(Beit):
         return super().no_weight_decay() | {"mask_token"}
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, masked_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits over the vocabulary for the masked patches.
+        """Logits over the vocabulary (``target='tokens'``) or pixels (``'pixels'``) of the masked patches.
 
         Args:
             images: (B, 3, H, W) patch view.
@@ -69,7 +81,8 @@ class BeitMIM(Beit):
                 (computed on the CPU, see :func:`masked_positions`) to avoid a device-to-host sync.
 
         Returns:
-            (num_masked_total, vocab_size) logits, in the row-major order of ``mask.nonzero()``.
+            (num_masked_total, vocab_size) logits, or (num_masked_total, patch_size**2 * 3) pixels in the order of
+            :func:`patchify`, in the row-major order of ``mask.nonzero()``.
         """
         x = self.patch_embed(images)  # (B, N, D)
         w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
@@ -87,6 +100,8 @@ class BeitMIM(Beit):
         if masked_idx is None:
             masked_idx = masked_positions(mask)  # syncs on a GPU
         x = x[:, 1:].reshape(-1, x.shape[-1]).index_select(0, masked_idx)  # (num_masked_total, D)
+        if self.target == "pixels":
+            return self.pixel_head(x)  # (num_masked_total, p*p*3)
         return self.lm_head(x)  # (num_masked_total, vocab)
 
 
@@ -95,6 +110,28 @@ def masked_positions(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, 3, H, W) images as (B, N, patch_size**2 * 3) patches: row-major over the grid, each patch's pixels
+    row-major with the channels last (MAE's ``patchify``), the order ``pixel_head`` predicts."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = images.reshape(b, c, gh, patch_size, gw, patch_size)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, gh * gw, patch_size ** 2 * c)
+
+
+def normalized_patch_pixels(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """The pixel target: each patch of :func:`patchify` minus its mean, over sqrt(its variance + eps), in fp32.
+
+    MAE's ``norm_pix_loss`` (arXiv 2111.06377, unbiased variance over the patch's pixels and channels): the head
+    predicts local contrast, not the patch's brightness; a flat patch's target is 0.
+    """
+    x = patchify(images.float(), patch_size)  # (B, N, p*p*3)
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + eps) ** 0.5
+
+
 def backbone_param_count(model: Beit) -> int:
     """Parameters of the BEiT backbone: everything but the MIM head and the [M] embedding."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("lm_head.", "mask_token")))
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith(("lm_head.", "pixel_head.", "mask_token")))

@@ -1,8 +1,13 @@
-"""Stage 2: masked image modeling. The tokenizer labels masked patches; BEiT predicts them."""
+"""Stage 2: masked image modeling. The tokenizer labels masked patches; BEiT predicts them.
+
+``masking.target=pixels`` is the paper's "recover masked pixels" ablation: no tokenizer runs, and a linear head
+regresses each masked patch's pixels, normalised per patch as MAE's ``norm_pix_loss`` (MSE).
+"""
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,6 +24,7 @@ from beit_scale.engine.core import backward_step
 from beit_scale.masking import build_mask_generator
 from beit_scale.models import build_mim_model, get_spec, masked_positions
 from beit_scale.models.flops import backbone_flops, head_flops, train_flops
+from beit_scale.models.mim import normalized_patch_pixels
 from beit_scale.tokenizers import codebook_stats
 from beit_scale.tokenizers.labeler import Labeler
 from beit_scale.train.driver import MicroStep, Run, Task, drive
@@ -38,13 +44,33 @@ def to_device(batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, t
 
 class MIMOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, on the device
-    hits: torch.Tensor  # (n_masked,) bool: the predicted token is the target
-    targets: torch.Tensor  # (n_masked,) visual tokens
+    hits: Optional[torch.Tensor]  # (n_masked,) bool: the predicted token is the target; None for pixels
+    targets: torch.Tensor  # (n_masked,) visual tokens, or (n_masked, patch**2 * 3) normalised pixels
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Logged beside the loss: the masked-token accuracy; nothing for pixels (the loss is the pixel MSE)."""
+        return {} if self.hits is None else {"mask_acc": self.hits.float().mean()}
+
+    @property
+    def tokens(self) -> Optional[torch.Tensor]:
+        """The visual tokens of the masked patches (the codebook statistics count them); None for pixels."""
+        return None if self.hits is None else self.targets
 
 
 def mim_forward(model, tokenizer, batch: dict, device, dtype) -> MIMOutput:
-    """BEiT's objective on one micro batch: label the masked patches with the tokenizer, predict them."""
+    """BEiT's objective on one micro batch: label the masked patches with the tokenizer, predict them.
+
+    ``tokenizer=None`` (``masking.target=pixels``): regress the masked patches' patch-view pixels, each patch
+    normalised by its own mean and variance (:func:`normalized_patch_pixels`); the loss is their MSE.
+    """
     images, views, mask, masked_idx = to_device(batch, device, dtype)
+    if tokenizer is None:
+        patch = math.isqrt(images.shape[-2] * images.shape[-1] // mask.shape[1])  # px per patch side, from shapes
+        with torch.no_grad():
+            targets = normalized_patch_pixels(images, patch).flatten(0, 1).index_select(0, masked_idx)
+        pred = model(images, mask, masked_idx)  # (n_masked, patch**2 * 3)
+        return MIMOutput(F.mse_loss(pred.float(), targets), None, targets)
     with torch.no_grad():
         targets = tokenizer.encode(views).flatten().index_select(0, masked_idx)  # (n_masked,)
     logits = model(images, mask, masked_idx)  # (n_masked, vocab)
@@ -65,23 +91,45 @@ def pretrain_step(engine, tokenizer, batch: dict, device, dtype) -> StepResult:
     return StepResult(out.loss.detach(), out.hits.float().mean(), out.targets, backward_step(engine, out.loss))
 
 
+class NoTokenizer:
+    """Stands in for the tokenizer under ``masking.target=pixels``, where none runs: the data pipeline still cuts a
+    tokenizer view, so it is made at one pixel per patch (``input_size`` = the patch grid; the fast transform's box
+    average of the patch view, the cheapest) and never read."""
+
+    vocab_size = 0
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = self.grid_size = input_size
+
+    @staticmethod
+    def map_pixels(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class Pretrain(Task):
     """Masked image modeling on the driver: one MIM loss per micro batch, token statistics, held-out accuracy."""
 
     def build(self, run: Run):
         cfg = run.cfg
         self.grid, self.img_size = patch_grid(cfg)
-        self.tokenizer = load_tokenizer(cfg.tokenizer.path).to(run.device)
         m = cfg.masking
+        self.pixels = m.target == "pixels"
+        # pixels: no tokenizer file is read; the stand-in only sizes the (unread) tokenizer view of the data pipeline
+        self.tokenizer = (NoTokenizer(self.grid) if self.pixels
+                          else load_tokenizer(cfg.tokenizer.path).to(run.device))
         self.mask_gen = build_mask_generator(m.kind, (self.grid, self.grid), m.num_masked, m.min_block_patches,
                                              m.min_aspect)
         self.token_counts = torch.zeros(self.tokenizer.vocab_size, dtype=torch.long, device=run.device)
-        self.model = build_mim_model(cfg.model, self.tokenizer.vocab_size)
+        self.model = build_mim_model(cfg.model, self.tokenizer.vocab_size, m.target)
         return self.model, None
 
     def describe(self, run: Run) -> str:
-        return (f"pretraining {run.cfg.model.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                f"parameters); tokenizer {run.cfg.tokenizer.path} (vocab {self.tokenizer.vocab_size})")
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        size = f"pretraining {run.cfg.model.name} ({params:.2f}M parameters)"
+        if self.pixels:
+            return (f"{size}; target: the masked patches' pixels, normalised per patch "
+                    "(no tokenizer, tokenizer.* unused)")
+        return f"{size}; tokenizer {run.cfg.tokenizer.path} (vocab {self.tokenizer.vocab_size})"
 
     def train_set(self, run: Run) -> MIMDataset:
         d, tok = run.cfg.data, self.tokenizer
@@ -95,10 +143,13 @@ class Pretrain(Task):
     def flops_per_image(self, run: Run) -> float:
         """The BEiT's (the tokenizer's labelling is not counted): blocks over every patch, head on the masked."""
         spec = get_spec(run.cfg.model.name)
-        return train_flops(backbone_flops(spec, self.img_size)
-                           + head_flops(spec, run.cfg.masking.num_masked, self.tokenizer.vocab_size))
+        outputs = spec.patch_size ** 2 * 3 if self.pixels else self.tokenizer.vocab_size
+        return train_flops(backbone_flops(spec, self.img_size) + head_flops(spec, run.cfg.masking.num_masked, outputs))
 
     def start(self, run: Run) -> None:
+        if self.pixels:  # masking.target=pixels: no tokenizer labels anything
+            self.labeler, self.agreement_checked = None, True
+            return
         precision = run.cfg.tokenizer.precision
         self.labeler = Labeler(self.tokenizer, precision, channels_last=run.device.type == "cuda",
                                compile=run.compiled)
@@ -124,14 +175,16 @@ class Pretrain(Task):
         if not self.agreement_checked:
             self.check_agreement(run, batch)
         out = mim_forward(run.engine, self.labeler, batch, run.device, run.dtype)
-        return MicroStep(out.loss, {"mask_acc": out.hits.float().mean()}, out.targets)
+        return MicroStep(out.loss, out.metrics, out.tokens)
 
     def step_done(self, run: Run, step: int, kept: list) -> None:
+        if self.pixels:  # no tokens to count
+            return
         for targets in kept:
             self.token_counts.scatter_add_(0, targets, torch.ones_like(targets))  # bincount would sync
 
     def log_values(self, run: Run) -> dict[str, float]:
-        if run.cfg.tokenizer.precision == "fp32" or self.labeler.nonfinite is None:
+        if self.labeler is None or run.cfg.tokenizer.precision == "fp32" or self.labeler.nonfinite is None:
             return {}
         return {"tokenizer_nonfinite": float(self.labeler.nonfinite)}  # > 0: an fp16 overflow, use fp32 or bf16
 
@@ -140,6 +193,11 @@ class Pretrain(Task):
         if run.rank == 0:
             save_weights(weights, run.layout.model, {"format": "beit_scale.mim.v1", "model": run.cfg.model.name})
             log.info("wrote %s", run.layout.model)
+        if self.pixels:  # the pixel MSE instead of token accuracy and codebook statistics
+            summary = {"target": "pixels", "train_masked_pixel_loss": last.get("loss", float("nan"))}
+            if run.cfg.data.val_root:
+                summary.update(evaluate(run, None, self.mask_gen, self.img_size))
+            return summary
         summary = {"train_masked_token_accuracy": last.get("mask_acc", float("nan"))}
         if run.cfg.data.val_root:
             summary.update(evaluate(run, self.labeler, self.mask_gen, self.img_size))
@@ -161,21 +219,33 @@ def codebook_stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
     return float(usage), float(perplexity)
 
 
-@torch.no_grad()
-def evaluate(run: Run, tokenizer, mask_gen, img_size: int) -> dict:
-    """Masked-token accuracy on held-out images, beside always guessing the held-out's most frequent token."""
+def held_out_batches(run: Run, views, mask_gen, img_size: int):
+    """The first ``train.eval_batches`` micro batches of ``data.val_root`` (same on every rank: padded sampler), with
+    the tokenizer view ``views`` reads (a tokenizer, or :class:`NoTokenizer`)."""
     cfg, d = run.cfg, run.cfg.data
-    transform = EvalTwoView(img_size, tokenizer.input_size, mean=d.mean, std=d.std,
-                            tokenizer_pixel_map=tokenizer.map_pixels)
+    transform = EvalTwoView(img_size, views.input_size, mean=d.mean, std=d.std, tokenizer_pixel_map=views.map_pixels)
     val_set = MIMDataset(open_images(d, d.val_root), transform, mask_gen, cfg.run.seed + 1)
     loader = make_loader(val_set, cfg.train.micro_batch, d.num_workers, cfg.run.seed, train=False)
+    for i, batch in enumerate(loader):
+        if i == cfg.train.eval_batches:
+            break
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(run: Run, tokenizer, mask_gen, img_size: int) -> dict:
+    """Masked-token accuracy on held-out images, beside always guessing the held-out's most frequent token.
+
+    ``tokenizer=None`` (``masking.target=pixels``): the held-out masked-pixel MSE, beside predicting 0 for every
+    normalised pixel (each patch's own mean).
+    """
+    if tokenizer is None:
+        return evaluate_pixels(run, mask_gen, img_size)
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     total = torch.zeros_like(correct)
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long, device=run.device)
     run.engine.eval()
-    for i, batch in enumerate(loader):
-        if i == cfg.train.eval_batches:  # every rank has the same number of batches (padded sampler)
-            break
+    for batch in held_out_batches(run, tokenizer, mask_gen, img_size):
         out = mim_forward(run.engine, tokenizer, batch, run.device, run.dtype)
         correct += out.hits.sum()
         total += out.targets.numel()
@@ -190,3 +260,22 @@ def evaluate(run: Run, tokenizer, mask_gen, img_size: int) -> dict:
             "majority_token_accuracy": counts.max().item() / total_n,
             "eval_masked_tokens": total_n}
 
+
+@torch.no_grad()
+def evaluate_pixels(run: Run, mask_gen, img_size: int) -> dict:
+    """Held-out MSE of the masked patches' normalised pixels, beside predicting 0 (a patch's mean) for all."""
+    grid = img_size // get_spec(run.cfg.model.name).patch_size
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # squared error, squared target, patches
+    run.engine.eval()
+    for batch in held_out_batches(run, NoTokenizer(grid), mask_gen, img_size):
+        out = mim_forward(run.engine, None, batch, run.device, run.dtype)
+        n = out.targets.shape[0]
+        sums += torch.stack([out.loss.double() * n, out.targets.double().pow(2).mean(-1).sum(),
+                             torch.tensor(n, dtype=torch.float64, device=run.device)])
+    run.engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    error, zero, n = sums.tolist()
+    if not n:  # train.eval_batches=0
+        return {"eval_masked_patches": 0}
+    return {"masked_pixel_loss": error / n, "zero_prediction_pixel_loss": zero / n, "eval_masked_patches": int(n)}

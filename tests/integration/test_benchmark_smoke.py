@@ -1,5 +1,6 @@
 """The benchmark scripts end to end at a tiny scale: `benchmarks/fmnist_pretrain_vs_scratch.py` (export, tokenizer,
-MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete), `benchmarks/throughput.py
+MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete), `benchmarks/fmnist_ablations.py`
+(its four arms, on the first benchmark's tokenizer), `benchmarks/throughput.py
 --smoke` (every row, with speed and host syncs per step) and `benchmarks/input_pipeline.py --smoke` (every input
 pipeline from a folder and from shards).
 
@@ -7,8 +8,11 @@ At this scale (720 training images, 72 labelled, a few dozen steps) pretraining 
 test proves the pipeline, not the claim; the full run's result is in benchmarks/results/.
 """
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -17,13 +21,27 @@ from tests.distributed.ranks import ROOT, rank_env
 STAGES = ("export", "tokenizer", "pretrain", "finetune_pretrained", "finetune_scratch", "total")
 
 
-@pytest.mark.timeout(600)
-def test_benchmark_pipeline_writes_both_accuracies_and_stage_times(tmp_path):
+class Bench(NamedTuple):
+    out_dir: Path  # the benchmark's --out-dir
+    proc: subprocess.CompletedProcess
+    result_file: Path
+
+
+@pytest.fixture(scope="module")
+def fmnist_bench(tmp_path_factory) -> Bench:
+    """fmnist_pretrain_vs_scratch at --scale 0.012, run once: its tokenizer also serves the ablation benchmark."""
+    tmp_path = tmp_path_factory.mktemp("fmnist_bench")
     result_file = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "benchmarks/fmnist_pretrain_vs_scratch.py", "--out-dir", str(tmp_path),
                            "--scale", "0.012", "--json", str(result_file)],
                           cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=570)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return Bench(tmp_path, proc, result_file)
+
+
+@pytest.mark.timeout(600)
+def test_benchmark_pipeline_writes_both_accuracies_and_stage_times(fmnist_bench):
+    tmp_path, proc, result_file = fmnist_bench
     result = json.loads(result_file.read_text())
     for key in ("top1_pretrained", "top1_scratch"):
         assert 0.0 <= result[key] <= 1.0, (key, result[key])
@@ -42,6 +60,36 @@ def test_benchmark_pipeline_writes_both_accuracies_and_stage_times(tmp_path):
     assert "no finetune.init_from: training from random initialisation" in (
         tmp_path / "logs" / "finetune_scratch.log").read_text()
     assert "initialised from" in (tmp_path / "logs" / "finetune_pretrained.log").read_text()
+
+
+# The shared benchmark above (up to 570 s) runs first when this test runs alone; the ablations themselves take
+# about a minute on 2 cores (7 CLI jobs, two at a time, of a few steps each), with a 3x margin below.
+@pytest.mark.timeout(600 + 240)
+def test_ablation_benchmark_writes_the_top1_of_all_four_arms(fmnist_bench, tmp_path):
+    tokenizer = fmnist_bench.out_dir / "tokenizer" / "tokenizer.safetensors"
+    result_file = tmp_path / "ablations.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_ablations.py", "--out-dir", str(tmp_path),
+                           "--scale", "0.012", "--steps-scale", "0.002", "--tokenizer", str(tokenizer), "--jobs", "2",
+                           "--json", str(result_file)],
+                          cwd=ROOT, env=rank_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=210)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    result = json.loads(result_file.read_text())
+    arms = ("blockwise_tokens", "random_tokens", "blockwise_pixels", "scratch")
+    assert set(result["top1"]) == set(result["top5"]) == set(arms)
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in result["top1"].values()), result["top1"]
+    for arm in arms:
+        assert f"{arm:<17} {result['top1'][arm]:.4f}" in proc.stdout
+        assert (tmp_path / f"finetune_{arm}" / "summary.json").is_file()
+    # Same steps everywhere; the arms differ in the masking section only, the pixel arm reads no tokenizer.
+    assert result["settings"]["steps"]["pretrain"]["total_steps"] == 10
+    masking = {arm: result["arms"][arm]["masking"] for arm in arms[:3]}
+    assert [(m["kind"], m["target"]) for m in masking.values()] == [
+        ("blockwise", "tokens"), ("random", "tokens"), ("blockwise", "pixels")]
+    pixels = result["pretrain"]["blockwise_pixels"]
+    assert math.isfinite(pixels["masked_pixel_loss"]) and "masked_token_accuracy" not in pixels
+    assert math.isfinite(result["pretrain"]["random_tokens"]["masked_token_accuracy"])
+    assert "tokenizer.path=" in result["settings"]["overrides"]["pretrain_blockwise_pixels"]
+    assert "initialised from" in (tmp_path / "logs" / "finetune_blockwise_pixels.log").read_text()
 
 
 @pytest.mark.timeout(300)
