@@ -97,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     ct.add_argument("--input-size", type=int, default=112, metavar="PX",
                     help="tokenizer view in px the file records, a multiple of 8: 112 (14x14 tokens, patch 16 at "
                     "224 px; default) or 128 (16x16, the giant's patch 14)")
+    vz = sub.add_parser("visualize", help="pictures of a pretraining run: masks, tokenizer reconstructions, "
+                        "predicted tokens decoded, [CLS] attention per head",
+                        description="Write one PNG grid per picture kind for the first --num images of a folder, each "
+                        "with the eval view and the run's own mask (seeded as its held-out evaluation): masks.png, "
+                        "reconstructions.png and predictions.png (where the tokenizer has a decoder: a dVAE) and "
+                        "attention.png (the last block's [CLS] attention, one row per image, one column per head).")
+    vz.add_argument("run_dir", help="a pretraining run folder (run.output_dir)")
+    vz.add_argument("--images", required=True, metavar="DIR",
+                    help="a folder of images: DIR/<image> or DIR/<class>/<image>, read in sorted order")
+    vz.add_argument("--out", default=None, metavar="DIR", help="where to write (default: RUN/images/visualize)")
+    vz.add_argument("--num", type=int, default=8, help="how many images, from the first (default 8)")
+    vz.add_argument("--weights", default=None, metavar="FILE",
+                    help="weights of the run's BEiT (default: RUN/model.safetensors, written when the run finished; "
+                    "for an unfinished run, `beit-scale consolidate RUN FILE` of its newest checkpoint)")
     sub.add_parser("models", help="list the model zoo with parameter counts")
     sub.add_parser("recipes", help="list the shipped recipes")
     # The `deepspeed` launcher appends --local_rank; the rank is read from the environment instead.
@@ -187,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             arch = convert_dall_e(args.source, args.out, args.input_size, args.trust_pickle)
             print(f"{args.out}: DALL-E encoder, {arch.vocab_size} tokens, {arch.input_size} px view "
                   f"({arch.grid_size}x{arch.grid_size} tokens); use it as tokenizer.path={args.out}")
+        elif args.command == "visualize":
+            from beit_scale.train.visualize import visualize
+
+            for kind, path in visualize(args.run_dir, args.images, args.out, args.num, args.weights).items():
+                print(f"{kind}: {path}")
         elif args.command == "recipes":
             from beit_scale.config import list_recipes
 

@@ -34,6 +34,11 @@ class RunLayout:
         return self.root / "images"
 
     @property
+    def visualize(self) -> Path:
+        """Pictures `beit-scale visualize` writes by default: masks, reconstructions, predictions, attention."""
+        return self.images / "visualize"
+
+    @property
     def tokenizer(self) -> Path:
         """The trained tokenizer that `train-tokenizer` writes and a pretraining recipe points at."""
         return self.root / "tokenizer.safetensors"

@@ -9,15 +9,24 @@ from torchvision.utils import make_grid, save_image
 
 def save_mask_grid(batch: dict, mean, std, path: Path, writer=None, num: int = 8) -> None:
     """Patch views of the first images with their masked patches greyed out."""
-    images = batch["image"][:num].float().cpu()
+    images = denormalize(batch["image"][:num], mean, std)  # (n, 3, H, W) in [0, 1]
+    masked = grey_out(images, batch["mask"][:num])
+    _save(torch.cat([images, masked]), len(images), path, writer, "pretrain/masks")
+
+
+def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised (n, 3, H, W) patch views -> float32 pixels in [0, 1] on the CPU."""
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    images = (images * std_t + mean_t).clamp(0, 1)  # (n, 3, H, W) in [0, 1]
+    return (images.float().cpu() * std_t + mean_t).clamp(0, 1)
+
+
+def grey_out(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) pixels in [0, 1] with the patches that the (n, h*w) bool mask marks set to grey (0.5)."""
     n, _, h, w = images.shape
-    grid = int(batch["mask"].shape[1] ** 0.5)
-    mask = batch["mask"][:num].view(n, 1, grid, grid).float().cpu()
-    mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="nearest")  # (n, 1, H, W)
-    masked = images * (1 - mask) + 0.5 * mask
-    _save(torch.cat([images, masked]), n, path, writer, "pretrain/masks")
+    grid = int(mask.shape[1] ** 0.5)
+    m = mask.reshape(n, 1, grid, grid).to(images.device, images.dtype)
+    m = torch.nn.functional.interpolate(m, size=(h, w), mode="nearest")  # (n, 1, H, W)
+    return images * (1 - m) + 0.5 * m
 
 
 def save_reconstructions(originals: torch.Tensor, recons: torch.Tensor, path: Path, writer=None, step: int = 0) -> None:

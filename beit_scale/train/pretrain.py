@@ -29,6 +29,7 @@ from beit_scale.tokenizers import codebook_stats
 from beit_scale.tokenizers.labeler import Labeler
 from beit_scale.train.driver import MicroStep, Run, Task, drive
 from beit_scale.train.images import save_mask_grid
+from beit_scale.train.visualize import pictures, write_pictures
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ class Pretrain(Task):
         if run.rank == 0:
             save_weights(weights, run.layout.model, {"format": "beit_scale.mim.v1", "model": run.cfg.model.name})
             log.info("wrote %s", run.layout.model)
+        if run.cfg.data.val_root:
+            self.eval_pictures(run)
         if self.pixels:  # the pixel MSE instead of token accuracy and codebook statistics
             summary = {"target": "pixels", "train_masked_pixel_loss": last.get("loss", float("nan"))}
             if run.cfg.data.val_root:
@@ -205,6 +208,26 @@ class Pretrain(Task):
             dist.all_reduce(self.token_counts)
         usage, perplexity = codebook_stats_from_counts(self.token_counts)
         return {**summary, "target_codebook_usage": usage, "target_perplexity": perplexity}
+
+
+    def eval_pictures(self, run: Run) -> None:
+        """Rank 0: masks, tokenizer reconstructions, the images decoded from BEiT's predictions and the last block's
+        [CLS] attention of the first held-out images, as PNGs in images/eval/ and in TensorBoard
+        (`beit-scale visualize` draws the same for any images). Not under ZeRO-3, whose forward needs every rank."""
+        if run.rank != 0:
+            return
+        if run.engine.zero_optimization_stage() == 3:
+            log.info("no evaluation pictures under ZeRO-3: run `beit-scale visualize %s --images DIR` after the run",
+                     run.cfg.run.output_dir)
+            return
+        tokenizer = None if self.pixels else self.tokenizer
+        views = NoTokenizer(self.grid) if self.pixels else self.tokenizer
+        batch = next(iter(held_out_batches(run, views, self.mask_gen, self.img_size)), None)
+        if batch is not None:
+            grids = pictures(run.engine, tokenizer, batch, run.cfg.data.mean, run.cfg.data.std)
+            paths = write_pictures(grids, run.layout.images / "eval", run.writer, run.cfg.train.total_steps,
+                                   tag="pretrain/eval")
+            log.info("evaluation pictures: %s", ", ".join(str(p) for p in paths.values()))
 
 
 def run(cfg: Config) -> dict:
