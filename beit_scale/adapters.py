@@ -22,3 +22,10 @@ def tokenizer_arch_kwargs(cfg: Config) -> dict:
     t = cfg.tokenizer
     return dict(vocab_size=t.vocab_size, input_size=t.input_size, downsample=t.downsample,
                 hidden_dim=t.hidden_dim, codebook_dim=t.codebook_dim, num_res_blocks=t.num_res_blocks)
+
+
+def vqkd_arch_kwargs(cfg: Config) -> dict:
+    """``VQKDArch`` keyword arguments from ``cfg.tokenizer`` (``tokenizer.kind=vqkd``)."""
+    t = cfg.tokenizer
+    return dict(vocab_size=t.vocab_size, input_size=t.input_size, downsample=t.downsample, embed_dim=t.embed_dim,
+                depth=t.depth, num_heads=t.num_heads, codebook_dim=t.codebook_dim)

@@ -27,6 +27,12 @@ RANGES = {
     "tokenizer.temperature_start": "(0, inf)",
     "tokenizer.temperature_end": "(0, inf)",
     "tokenizer.anneal_fraction": "(0, 1]",
+    "tokenizer.embed_dim": "[1, inf)",
+    "tokenizer.depth": "[1, inf)",
+    "tokenizer.num_heads": "[1, inf)",
+    "tokenizer.decoder_depth": "[1, inf)",
+    "tokenizer.ema_decay": "[0, 1)",
+    "tokenizer.commitment_weight": "[0, inf)",
     "masking.min_aspect": "(0, 1]",
     "data.hflip": "[0, 1]",
     "data.std": "(0, inf)",
@@ -196,8 +202,27 @@ def _check_tokenizer_file(cfg: Config, grid: int, img: int) -> None:
 def _check_tokenizer_arch(cfg: Config, grid: int, img: int) -> None:
     from beit_scale.tokenizers import DVAEArch, check_token_grid
 
+    if cfg.tokenizer.kind == "vqkd":
+        _check_vqkd(cfg, img)
+        return
     DVAEArch(**tokenizer_arch_kwargs(cfg))  # validates itself
     check_token_grid(cfg.tokenizer.input_size, cfg.tokenizer.downsample, img, get_spec(cfg.model.name).patch_size)
+
+
+def _check_vqkd(cfg: Config, img: int) -> None:
+    """VQ-KD: its shape, its token grid against the model's patch grid, and a local teacher with the same grid."""
+    from beit_scale.adapters import vqkd_arch_kwargs
+    from beit_scale.models.teacher import check_teacher_grid, describe_teacher
+    from beit_scale.tokenizers import VQKDArch, check_token_grid
+
+    t = cfg.tokenizer
+    arch = VQKDArch(**vqkd_arch_kwargs(cfg))  # validates itself
+    check_token_grid(t.input_size, t.downsample, img, get_spec(cfg.model.name).patch_size)
+    if not t.teacher:
+        raise ValueError("tokenizer.teacher is empty; tokenizer.kind=vqkd learns to predict a frozen teacher's patch "
+                         "features: set tokenizer.teacher to local weights (a beit_scale run folder or .safetensors, or "
+                         "a timm .safetensors with tokenizer.teacher_timm_name=<timm model name>)")
+    check_teacher_grid(describe_teacher(t.teacher, t.teacher_timm_name), arch.grid_size, t.input_size)
 
 
 def _class_folders(root: str, data_format: str = "folder") -> list[str]:

@@ -58,6 +58,20 @@ class TokenizerConfig:
     anneal_fraction: float = 0.8  # fraction of train.total_steps over which the temperature anneals
     recon_every: int = 0  # write reconstruction PNGs every N optimizer steps (0 = only at the end)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # pretraining labels: fp32, or autocast + fp32 bottom stage
+    # train-tokenizer trains a conv dVAE (pixels, Gumbel-softmax) or BEiT v2's VQ-KD (a ViT whose cosine EMA codebook
+    # is trained to predict a frozen teacher's patch features). For vqkd, downsample is the patch size and
+    # codebook_dim the code width (BEiT v2: 32); hidden_dim, num_res_blocks, kl_weight and temperature_* are unused.
+    kind: Literal["dvae", "vqkd"] = "dvae"
+    embed_dim: int = 768  # vqkd: width of the ViT encoder and decoder
+    depth: int = 12  # vqkd: encoder blocks
+    num_heads: int = 12  # vqkd: attention heads per block (encoder and decoder)
+    decoder_depth: int = 3  # vqkd: decoder blocks (training only; not in the tokenizer file)
+    ema_decay: float = 0.99  # vqkd: codebook EMA decay per training forward
+    dead_code_steps: int = 100  # vqkd: a code unused for this many micro steps restarts from a batch output; 0 = never
+    commitment_weight: float = 1.0  # vqkd: weight of the commitment loss beside the cosine feature loss
+    teacher: str = ""  # vqkd: local teacher weights: a beit_scale run folder or .safetensors, or a timm .safetensors
+    teacher_timm_name: str = ""  # vqkd: timm model name of a timm .safetensors teacher; "" = a beit_scale source
+
 
 
 @dataclass(frozen=True)

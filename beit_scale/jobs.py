@@ -28,7 +28,7 @@ class Job:
 JOBS: dict[str, Job] = {job.name: job for job in (
     Job("pretrain", "pretrain", "pretrain", "pretrain", "mim", "masked image modeling (stage 2)"),
     Job("tokenizer", "train-tokenizer", "tokenizer", "tokenizer", "tokenizer",
-        "train the dVAE image tokenizer (stage 1)"),
+        "train the image tokenizer, a dVAE or VQ-KD (stage 1)"),
     Job("finetune", "finetune", "finetune", "finetune", "finetune",
         "image classification from pretrained weights, layer-wise lr decay"),
     Job("linprobe", "linprobe", "linprobe", "linprobe", "probe",

@@ -1,7 +1,9 @@
 """Tokenizer files: safetensors weights with the architecture in the metadata. No pickle anywhere.
 
-Two formats: a dVAE trained here (``beit-scale train-tokenizer``) and OpenAI's DALL-E encoder converted once from
-its pickle (``beit-scale convert-tokenizer dall-e``, the only place a pickle is read, and only when trusted).
+Three formats: a dVAE or a VQ-KD tokenizer trained here (``beit-scale train-tokenizer``, ``tokenizer.kind``) and
+OpenAI's DALL-E encoder converted once from its pickle (``beit-scale convert-tokenizer dall-e``, the only place a
+pickle is read, and only when trusted). A VQ-KD file holds the encoder, projection and codebook (with its EMA
+statistics) only: the decoder and the teacher are not needed to label images.
 """
 from __future__ import annotations
 
@@ -16,25 +18,36 @@ from safetensors.torch import load_file
 
 from beit_scale.checkpoint.files import sha256
 from beit_scale.checkpoint.weights import save_weights
-from beit_scale.tokenizers import DallEArch, DallEEncoder, DiscreteVAE, DVAEArch
+from beit_scale.tokenizers import DallEArch, DallEEncoder, DiscreteVAE, DVAEArch, VQKDArch, VQKDTokenizer
 from beit_scale.tokenizers.dall_e import official_name
 
 log = logging.getLogger(__name__)
 
 FORMAT = "beit_scale.dvae.v1"
 DALL_E_FORMAT = "beit_scale.dall_e.v1"
-_ARCHS = {FORMAT: DVAEArch, DALL_E_FORMAT: DallEArch}
-_MODELS = {DVAEArch: DiscreteVAE, DallEArch: DallEEncoder}
-_WRITERS = {FORMAT: "`beit-scale train-tokenizer`", DALL_E_FORMAT: "`beit-scale convert-tokenizer dall-e`"}
+VQKD_FORMAT = "beit_scale.vqkd.v1"
+_ARCHS = {FORMAT: DVAEArch, DALL_E_FORMAT: DallEArch, VQKD_FORMAT: VQKDArch}
+_MODELS = {DVAEArch: DiscreteVAE, DallEArch: DallEEncoder, VQKDArch: VQKDTokenizer}
+_WRITERS = {FORMAT: "`beit-scale train-tokenizer`", DALL_E_FORMAT: "`beit-scale convert-tokenizer dall-e`",
+            VQKD_FORMAT: "`beit-scale train-tokenizer` (tokenizer.kind=vqkd)"}
+_PREFIX = "tokenizer."  # where the VQ-KD training model keeps its labelling half
 
 
-def save_tokenizer(model: DiscreteVAE, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the tokenizer; ``state_dict`` is full and unsharded (fp32 on CPU), written atomically."""
-    meta = {"format": FORMAT, "arch": json.dumps(dataclasses.asdict(model.arch))}
-    save_weights({k: v.detach().float().cpu() for k, v in state_dict.items()}, path, meta)
+def save_tokenizer(model, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the tokenizer; ``state_dict`` is full and unsharded (floats as fp32 on CPU), written atomically.
+
+    ``model``: a :class:`DiscreteVAE`, or a VQ-KD model (:class:`~beit_scale.tokenizers.VQKD`, whose ``tokenizer.*``
+    entries are kept, or :class:`VQKDTokenizer`).
+    """
+    fmt = VQKD_FORMAT if isinstance(model.arch, VQKDArch) else FORMAT
+    if fmt == VQKD_FORMAT and any(k.startswith(_PREFIX) for k in state_dict):
+        state_dict = {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    meta = {"format": fmt, "arch": json.dumps(dataclasses.asdict(model.arch))}
+    save_weights({k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                  for k, v in state_dict.items()}, path, meta)
 
 
-def read_tokenizer_arch(path: str | Path) -> DVAEArch | DallEArch:
+def read_tokenizer_arch(path: str | Path) -> DVAEArch | DallEArch | VQKDArch:
     """The architecture of a tokenizer file, from its metadata only (cheap: used to validate configs)."""
     path = Path(path)
     if not path.is_file():
@@ -47,8 +60,8 @@ def read_tokenizer_arch(path: str | Path) -> DVAEArch | DallEArch:
         raise ValueError(f"tokenizer.path={str(path)!r} is not a safetensors tokenizer file: {err}") from None
     fmt = meta.get("format")
     if fmt not in _ARCHS:
-        raise ValueError(f"tokenizer.path={str(path)!r} has format {fmt!r}, expected {FORMAT!r} (a dVAE) or "
-                         f"{DALL_E_FORMAT!r} (DALL-E's encoder)")
+        raise ValueError(f"tokenizer.path={str(path)!r} has format {fmt!r}, expected {FORMAT!r} (a dVAE), "
+                         f"{VQKD_FORMAT!r} (a VQ-KD tokenizer) or {DALL_E_FORMAT!r} (DALL-E's encoder)")
     arch_type = _ARCHS[fmt]
     expected = sorted(f.name for f in dataclasses.fields(arch_type))
     try:
@@ -62,9 +75,9 @@ def read_tokenizer_arch(path: str | Path) -> DVAEArch | DallEArch:
     return arch_type(**arch)
 
 
-def load_tokenizer(path: str | Path) -> DiscreteVAE | DallEEncoder:
-    """Rebuild a tokenizer (trained dVAE or converted DALL-E encoder) from its file, strictly, in eval mode with
-    gradients off."""
+def load_tokenizer(path: str | Path) -> DiscreteVAE | DallEEncoder | VQKDTokenizer:
+    """Rebuild a tokenizer (trained dVAE or VQ-KD, or converted DALL-E encoder) from its file, strictly, in eval
+    mode with gradients off."""
     arch = read_tokenizer_arch(path)
     model = _MODELS[type(arch)](arch)
     try:

@@ -50,7 +50,9 @@ class Labeler(nn.Module):
     Args:
         tokenizer: A :class:`~beit_scale.tokenizers.DiscreteVAE` or :class:`~beit_scale.tokenizers.DallEEncoder`
             (anything with an ``encoder`` Sequential of convolutions ending in logits, ``input_size`` and
-            ``vocab_size``), in eval mode, on its device.
+            ``vocab_size``), in eval mode, on its device. A tokenizer with no such encoder names its own two stages
+            with ``labeling_stages()``: a :class:`~beit_scale.tokenizers.VQKDTokenizer` runs its ViT encoder under
+            autocast and the projection and cosine similarity to the codebook (where the token is decided) in fp32.
         precision: ``fp32`` (the tokenizer's own ``encode``, exact), ``fp16`` or ``bf16`` (trunk under autocast,
             bottom stage in fp32).
         channels_last: Run the convolutions in channels-last memory format (faster on GPUs with tensor cores;
@@ -66,7 +68,8 @@ class Labeler(nn.Module):
         self.tokenizer = tokenizer
         self.precision = precision
         self.channels_last = channels_last
-        self.trunk, self.bottom = split_encoder(tokenizer.encoder)
+        stages = getattr(tokenizer, "labeling_stages", None)  # VQ-KD: (ViT encoder, code similarities)
+        self.trunk, self.bottom = stages() if stages is not None else split_encoder(tokenizer.encoder)
         if channels_last:
             tokenizer.to(memory_format=torch.channels_last)
         self._encode = torch.compile(self._ids, dynamic=False) if compile else self._ids
@@ -93,7 +96,7 @@ class Labeler(nn.Module):
             views = views.contiguous(memory_format=torch.channels_last)
         reduced = self.precision != "fp32"
         with torch.autocast(views.device.type, dtype=_DTYPES.get(self.precision, torch.bfloat16), enabled=reduced):
-            hidden = self.trunk(views)  # (B, C, h, w), in the autocast dtype when reduced
+            hidden = self.trunk(views)  # (B, C, h, w) (VQ-KD: (B, h * w, C)), in the autocast dtype when reduced
         # an fp16 overflow would make the argmax meaningless; fp32 needs no count (and no pass over the activations)
         bad = (~torch.isfinite(hidden)).sum() if reduced else torch.zeros((), dtype=torch.int64, device=views.device)
         return self.bottom(hidden.float()).float().argmax(1).flatten(1), bad  # (B, h * w)

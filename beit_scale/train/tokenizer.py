@@ -1,4 +1,5 @@
-"""Stage 1: train the discrete VAE tokenizer (Gumbel-softmax, uniform prior) on the same driver."""
+"""Stage 1: train the discrete VAE tokenizer (Gumbel-softmax, uniform prior) on the same driver; VQ-KD (BEiT v2,
+``tokenizer.kind=vqkd``) is in tokenizer_vqkd.py."""
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,12 @@ class TrainTokenizer(Task):
 
 
 def run(cfg: Config) -> dict:
-    """Train a tokenizer per ``cfg``; writes ``tokenizer.safetensors``, reconstructions and ``summary.json``."""
+    """Train a tokenizer per ``cfg`` (``tokenizer.kind``: dvae or vqkd); writes ``tokenizer.safetensors``, the
+    dVAE's reconstructions and ``summary.json``."""
+    if cfg.tokenizer.kind == "vqkd":
+        from beit_scale.train.tokenizer_vqkd import TrainVQKD
+
+        return drive(cfg, TrainVQKD())
     return drive(cfg, TrainTokenizer())
 
 
