@@ -31,7 +31,6 @@ import concurrent.futures
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,11 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, TEST_IMAGES, TRAIN_IMAGES,  # noqa: E402
-                                                   check_labelled_subset, resolved_config, run_job, scaled,
-                                                   step_overrides, versions)
+from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES,  # noqa: E402
+                                                   prepare, resolved_config, run_job, step_overrides,
+                                                   versions)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
-from beit_scale.data import export_fashion_mnist  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fmnist_ablations.json"
 # Each arm's pretraining overrides (after the shared ones, so they win); None: fine-tuned from random init.
@@ -101,21 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = Path(args.json) if args.json else (RESULTS if full else out_dir / RESULTS.name)
     stages = ([] if args.tokenizer else ["tokenizer"]) + [f"pretrain_{a}" for a, ov in ARMS.items() if ov is not None]
     stages += [f"finetune_{a}" for a in ARMS]
-    for stage in stages:  # this script's own run folders: a left-over checkpoint would resume instead of train
-        if (out_dir / stage).exists():
-            print(f"[ablations] removing the previous {out_dir / stage}", flush=True)
-            shutil.rmtree(out_dir / stage)
     total_start = time.perf_counter()
     wall: dict[str, float] = {}
-
-    train_n, test_n = scaled(TRAIN_IMAGES, args.scale), scaled(TEST_IMAGES, args.scale)
-    start = time.perf_counter()
-    train_root = export_fashion_mnist(out_dir / "data", "train", limit=train_n)
-    test_root = export_fashion_mnist(out_dir / "data", "test", limit=test_n)
-    wall["export"] = time.perf_counter() - start
-    check_labelled_subset(train_root)
-    print(f"[ablations] Fashion-MNIST: {train_n} training images, {test_n} test images", flush=True)
-    data = [f"data.root={train_root}", f"data.val_root={test_root}", f"run.seed={args.seed}"]
+    _, _, train_n, test_n, data = prepare(out_dir, stages, args.scale, args.seed, wall, "ablations")
     steps, overrides, summaries = {}, {}, {}
 
     if args.tokenizer:

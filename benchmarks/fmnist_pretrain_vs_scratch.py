@@ -86,6 +86,26 @@ def check_labelled_subset(train_root: Path) -> None:
                          f"({ft.train.global_batch}); use a larger --scale")
 
 
+def prepare(out_dir: Path, stages, scale: float, seed: int, wall: dict, tag: str):
+    """Remove the previous run folders of ``stages`` (a left-over checkpoint would resume instead of train), export
+    Fashion-MNIST at ``scale`` and check its labelled share: (train root, test root, train n, test n, the data
+    overrides every stage shares); the export's wall time goes to ``wall``."""
+    for stage in stages:
+        if (out_dir / stage).exists():
+            print(f"[{tag}] removing the previous {out_dir / stage}", flush=True)
+            shutil.rmtree(out_dir / stage)
+    train_n, test_n = scaled(TRAIN_IMAGES, scale), scaled(TEST_IMAGES, scale)
+    start = time.perf_counter()
+    train_root = export_fashion_mnist(out_dir / "data", "train", limit=train_n)
+    test_root = export_fashion_mnist(out_dir / "data", "test", limit=test_n)
+    wall["export"] = time.perf_counter() - start
+    check_labelled_subset(train_root)
+    print(f"[{tag}] Fashion-MNIST: {train_n} training images in {train_root}, {test_n} test images in {test_root}",
+          flush=True)
+    return train_root, test_root, train_n, test_n, [f"data.root={train_root}", f"data.val_root={test_root}",
+                                                     f"run.seed={seed}"]
+
+
 def run_job(name: str, job: str, recipe: str, overrides: list[str], out_dir: Path) -> tuple[dict, float]:
     """Run one CLI job in its own process, output to ``logs/<name>.log`` and the console; (its summary, wall s)."""
     cmd = [sys.executable, "-m", "beit_scale.cli", job, "--config", recipe, *overrides]
@@ -125,22 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
     json_path = Path(args.json) if args.json else (RESULTS if args.scale == 1 else out_dir / RESULTS.name)
-    for stage in STAGES:  # this script's own run folders: a left-over checkpoint would resume instead of train
-        if (out_dir / stage).exists():
-            print(f"[bench] removing the previous {out_dir / stage}", flush=True)
-            shutil.rmtree(out_dir / stage)
     total_start = time.perf_counter()
     wall: dict[str, float] = {}
-
-    train_n, test_n = scaled(TRAIN_IMAGES, args.scale), scaled(TEST_IMAGES, args.scale)
-    start = time.perf_counter()
-    train_root = export_fashion_mnist(out_dir / "data", "train", limit=train_n)
-    test_root = export_fashion_mnist(out_dir / "data", "test", limit=test_n)
-    wall["export"] = time.perf_counter() - start
-    check_labelled_subset(train_root)
-    print(f"[bench] Fashion-MNIST: {train_n} training images in {train_root}, {test_n} test images in {test_root}",
-          flush=True)
-    data = [f"data.root={train_root}", f"data.val_root={test_root}", f"run.seed={args.seed}"]
+    train_root, test_root, train_n, test_n, data = prepare(out_dir, STAGES, args.scale, args.seed, wall, "bench")
     steps, overrides = {}, {}
 
     ov, steps["tokenizer"] = step_overrides(RECIPES["tokenizer"], args.scale)
