@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["VisualTokenizer", "check_token_grid", "codebook_stats"]
+__all__ = ["ArchTokenizer", "VisualTokenizer", "check_token_grid", "codebook_stats"]
 
 
 @runtime_checkable
@@ -50,6 +50,54 @@ class VisualTokenizer(Protocol):
             ``(B, grid_size * grid_size)`` int64 ids in ``[0, vocab_size)``, row-major over the grid.
         """
         ...
+
+
+class ArchTokenizer:
+    """The `VisualTokenizer` sizes of a tokenizer module read from its ``arch`` dataclass (``vocab_size``,
+    ``input_size``, ``downsample``, ``grid_size``), its input check, and, for a convolutional encoder that ends in
+    per-position logits (``self.encoder``), :meth:`logits` and :meth:`encode`. Mixed into the tokenizers."""
+
+    arch: "object"  # a frozen dataclass with vocab_size, input_size, downsample and grid_size
+    encoder: "torch.nn.Module"
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of visual tokens."""
+        return self.arch.vocab_size
+
+    @property
+    def input_size(self) -> int:
+        """Side in pixels of the square tokenizer view."""
+        return self.arch.input_size
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per token side."""
+        return self.arch.downsample
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side."""
+        return self.arch.grid_size
+
+    def _check_images(self, images: Tensor) -> None:
+        size = self.arch.input_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
+            raise ValueError(f"images of shape {tuple(images.shape)} do not match the {type(self).__name__} "
+                             f"tokenizer view (B, 3, {size}, {size}); resize the tokenizer view to "
+                             f"tokenizer.input_size={size}")
+
+    def logits(self, images: Tensor) -> Tensor:
+        """``(B, vocab, h, w)`` float32 encoder logits of ``(B, 3, S, S)`` images already passed through
+        ``map_pixels``, ``h = w = grid_size``."""
+        self._check_images(images)
+        return self.encoder(images).float()
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """``(B, h * w)`` int64 ids in ``[0, vocab_size)`` of mapped ``(B, 3, S, S)`` images, row-major over the
+        grid: the argmax code at each position."""
+        return self.logits(images).argmax(dim=1).flatten(1)  # (B, h, w) -> (B, h * w)
 
 
 def codebook_stats(ids: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:

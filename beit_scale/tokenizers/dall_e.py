@@ -20,8 +20,9 @@ import dataclasses
 import re
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
+
+from beit_scale.tokenizers.base import ArchTokenizer
 
 __all__ = ["DALL_E_DOWNSAMPLE", "DallEArch", "DallEEncoder", "official_name"]
 
@@ -106,7 +107,7 @@ class _Block(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)  # (B, out, h, w)
 
 
-class DallEEncoder(nn.Module):
+class DallEEncoder(ArchTokenizer, nn.Module):
     """DALL-E's dVAE encoder as a :class:`~beit_scale.tokenizers.VisualTokenizer` (weights from a converted file).
 
     Args:
@@ -133,63 +134,10 @@ class DallEEncoder(nn.Module):
         layers += [("output_relu", nn.ReLU()), ("output_conv", nn.Conv2d(width, arch.vocab_size, 1))]
         self.encoder = nn.Sequential(OrderedDict(layers))
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of visual tokens."""
-        return self.arch.vocab_size
-
-    @property
-    def input_size(self) -> int:
-        """Side in pixels of the square tokenizer view."""
-        return self.arch.input_size
-
-    @property
-    def downsample(self) -> int:
-        """Pixels per token side."""
-        return self.arch.downsample
-
-    @property
-    def grid_size(self) -> int:
-        """Tokens per side."""
-        return self.arch.grid_size
-
     @staticmethod
     def map_pixels(x: Tensor) -> Tensor:
         """Maps ``[0, 1]`` pixels to ``[eps, 1 - eps]`` with DALL-E's ``logit_laplace_eps = 0.1``."""
         return (1 - 2 * _PIXEL_EPS) * x + _PIXEL_EPS
-
-    def _check_images(self, images: Tensor) -> None:
-        size = self.arch.input_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
-            raise ValueError(
-                f"images of shape {tuple(images.shape)} do not match the DALL-E tokenizer view (B, 3, {size}, {size}); "
-                f"resize the tokenizer view to tokenizer.input_size={size}"
-            )
-
-    def logits(self, images: Tensor) -> Tensor:
-        """Encoder logits over the vocabulary for each grid position.
-
-        Args:
-            images: ``(B, 3, S, S)`` pixels already passed through :meth:`map_pixels`.
-
-        Returns:
-            ``(B, vocab, h, w)`` float32 logits, ``h = w = grid_size``.
-        """
-        self._check_images(images)
-        return self.encoder(images).float()  # (B, vocab, h, w)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """Tokenizes mapped images by the argmax code at each position.
-
-        Args:
-            images: ``(B, 3, S, S)`` pixels already passed through :meth:`map_pixels`.
-
-        Returns:
-            ``(B, h * w)`` int64 ids in ``[0, vocab_size)``, row-major over the grid.
-        """
-        return self.logits(images).argmax(dim=1).flatten(1)  # (B, h, w) -> (B, h * w)
-
 
 _GROUP_BLOCK = re.compile(r"^group_(\d+)_block_(\d+)\.")
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from beit_scale.tokenizers.base import ArchTokenizer
+
 __all__ = ["DVAEArch", "DVAEOutput", "DiscreteVAE", "gumbel_temperature"]
 
 _PIXEL_EPS = 0.1  # DALL-E's margin: pixels live in [eps, 1 - eps] so the decoder never has to hit 0 or 1
@@ -137,7 +139,7 @@ def _res_blocks(channels: int, num_blocks: int) -> list[nn.Module]:
     return [_ResBlock(channels) for _ in range(num_blocks)]
 
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(ArchTokenizer, nn.Module):
     """Discrete VAE tokenizer trained with Gumbel-softmax and a uniform prior; a :class:`VisualTokenizer`.
 
     Args:
@@ -176,26 +178,6 @@ class DiscreteVAE(nn.Module):
         decoder += [nn.ReLU(), nn.Conv2d(arch.channels(0), 3, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of visual tokens."""
-        return self.arch.vocab_size
-
-    @property
-    def input_size(self) -> int:
-        """Side in pixels of the square tokenizer view."""
-        return self.arch.input_size
-
-    @property
-    def downsample(self) -> int:
-        """Pixels per token side."""
-        return self.arch.downsample
-
-    @property
-    def grid_size(self) -> int:
-        """Tokens per side."""
-        return self.arch.grid_size
-
     @staticmethod
     def map_pixels(x: Tensor) -> Tensor:
         """Maps ``[0, 1]`` pixels to ``[eps, 1 - eps]`` with DALL-E's ``eps = 0.1``."""
@@ -205,38 +187,6 @@ class DiscreteVAE(nn.Module):
     def unmap_pixels(x: Tensor) -> Tensor:
         """Inverts :meth:`map_pixels` and clamps to ``[0, 1]`` (for viewing reconstructions)."""
         return ((x - _PIXEL_EPS) / (1 - 2 * _PIXEL_EPS)).clamp(0, 1)
-
-    def _check_images(self, images: Tensor) -> None:
-        size = self.arch.input_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
-            raise ValueError(
-                f"images of shape {tuple(images.shape)} do not match the tokenizer view (B, 3, {size}, {size}); "
-                f"resize the tokenizer view to tokenizer.input_size={size}"
-            )
-
-    def logits(self, images: Tensor) -> Tensor:
-        """Encoder logits over the vocabulary for each grid position.
-
-        Args:
-            images: ``(B, 3, S, S)`` pixels already passed through :meth:`map_pixels`.
-
-        Returns:
-            ``(B, vocab, h, w)`` float32 logits, ``h = w = grid_size``.
-        """
-        self._check_images(images)
-        return self.encoder(images).float()  # (B, vocab, h, w)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """Tokenizes mapped images by the argmax code at each position (no Gumbel noise).
-
-        Args:
-            images: ``(B, 3, S, S)`` pixels already passed through :meth:`map_pixels`.
-
-        Returns:
-            ``(B, h * w)`` int64 ids in ``[0, vocab_size)``, row-major over the grid.
-        """
-        return self.logits(images).argmax(dim=1).flatten(1)  # (B, h, w) -> (B, h * w)
 
     def decode_ids(self, ids: Tensor) -> Tensor:
         """Reconstructs images from token ids.

@@ -22,6 +22,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from beit_scale.tokenizers.base import ArchTokenizer
+
 from beit_scale.tokenizers.quantizer import NormEMAQuantizer
 
 __all__ = ["VQKD", "VQKDArch", "VQKDOutput", "VQKDTokenizer", "cosine_feature_loss"]
@@ -119,7 +121,7 @@ class _Encoder(nn.Module):
         return self.transformer(self.patch_embed(images))
 
 
-class VQKDTokenizer(nn.Module):
+class VQKDTokenizer(ArchTokenizer, nn.Module):
     """The labelling half of VQ-KD (encoder, projection, codebook); a :class:`VisualTokenizer`.
 
     Args:
@@ -142,22 +144,6 @@ class VQKDTokenizer(nn.Module):
         self.quantizer = NormEMAQuantizer(arch.vocab_size, arch.codebook_dim, decay, dead_code_steps)
         self.project.apply(_init_linear)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.arch.vocab_size
-
-    @property
-    def input_size(self) -> int:
-        return self.arch.input_size
-
-    @property
-    def downsample(self) -> int:
-        return self.arch.downsample
-
-    @property
-    def grid_size(self) -> int:
-        return self.arch.grid_size
-
     @staticmethod
     def map_pixels(x: Tensor) -> Tensor:
         """``[0, 1]`` pixels -> ``[-1, 1]``."""
@@ -167,12 +153,6 @@ class VQKDTokenizer(nn.Module):
     def unmap_pixels(x: Tensor) -> Tensor:
         """Inverts :meth:`map_pixels`, clamped to ``[0, 1]``."""
         return ((x + 1) / 2).clamp(0, 1)
-
-    def _check_images(self, images: Tensor) -> None:
-        size = self.arch.input_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
-            raise ValueError(f"images of shape {tuple(images.shape)} do not match the tokenizer view (B, 3, {size}, "
-                             f"{size}); resize the tokenizer view to tokenizer.input_size={size}")
 
     def codes_in(self, features: Tensor) -> Tensor:
         """``(B, N, codebook_dim)`` float32 projection of the encoder's ``(B, N, embed_dim)`` features."""
