@@ -52,6 +52,15 @@ RANGES = {
     "train.heartbeat_timeout": "[0, inf)",  # seconds; 0 turns it off
     "train.stall_timeout": "[0, inf)",
     "checkpoint.keep_last": "[1, inf)",
+    "optim.poly_power": "(0, inf)",
+    "segment.scale": "[1, inf)",  # px
+    "segment.ratio_range": "(0, inf)",
+    "segment.cat_max_ratio": "(0, 1]",  # 1 turns the redraw off
+    "segment.aux_weight": "[0, inf)",
+    "segment.aux_channels": "[1, inf)",
+    "segment.dropout": "[0, 1)",
+    "segment.layer_decay": "(0, 1]",
+    "segment.eval_stride": "[1, inf)",
 }
 # Signals a scheduler sends ahead of a preemption or time limit (sbatch --signal=USR2@180). Others are refused:
 # SIGCHLD, for one, arrives whenever a data-loader worker exits, and would look like a preemption.
@@ -322,5 +331,85 @@ def _check_probe(cfg: Config, grid: int, img: int) -> None:
                          f"{', '.join(used)} must be left at 0 ('' for auto_augment, 1 for layer_decay)")
 
 
+def _check_segment(cfg: Config, grid: int = 0, img: int = 0) -> None:
+    """Semantic segmentation: a crop the pyramid can halve, classes beside the ignore label, data.root in the ADE20K
+    layout with labels that fit num_classes, ZeRO 0-2, and the weights to start from."""
+    from beit_scale.data.segmentation import IGNORE_INDEX
+
+    s, spec = cfg.segment, get_spec(cfg.model.name)
+    step = 2 * spec.patch_size  # the 1/32 level (max pool) halves the patch grid
+    if s.crop_px < step or s.crop_px % step:
+        raise ValueError(f"segment.crop_px={s.crop_px} must be a multiple of {step} px, twice the patch size "
+                         f"{spec.patch_size} of {cfg.model.name} (the pyramid halves the patch grid), e.g. "
+                         f"{max(step, s.crop_px - s.crop_px % step)}")
+    if cfg.model.img_size is not None and cfg.model.img_size != s.crop_px:
+        raise ValueError(f"model.img_size={cfg.model.img_size} but segment.crop_px={s.crop_px}: the segmenter's input "
+                         "is the crop; leave model.img_size unset (null) and set segment.crop_px")
+    most = IGNORE_INDEX - 1 if s.reduce_zero_label else IGNORE_INDEX
+    shift = " and reduce_zero_label shifts class c to c-1" if s.reduce_zero_label else ""
+    if not 1 <= s.num_classes <= most:
+        raise ValueError(f"segment.num_classes={s.num_classes} must be in [1, {most}]: label {IGNORE_INDEX} marks "
+                         f"ignored pixels{shift}; "
+                         "ADE20K has 150 (with segment.reduce_zero_label=true)")
+    if s.class_names and len(s.class_names) != s.num_classes:
+        raise ValueError(f"segment.class_names has {len(s.class_names)} names but segment.num_classes={s.num_classes}; "
+                         "give one name per class, or [] to use the class indices")
+    lo, hi = s.ratio_range
+    if not lo <= hi:
+        raise ValueError(f"segment.ratio_range={list(s.ratio_range)} must be [min, max] with min <= max, "
+                         "e.g. [0.5, 2.0]")
+    if s.eval_stride > s.crop_px:
+        raise ValueError(f"segment.eval_stride={s.eval_stride} must be <= segment.crop_px={s.crop_px} (windows without "
+                         f"gaps); the reference uses 2/3 of the crop, e.g. {s.crop_px * 2 // 3}")
+    if _zero_stage(cfg) == 3:
+        raise ValueError("the segment job needs engine.zero_stage <= 2: sliding-window evaluation runs a different "
+                         "number of windows on each rank, which ZeRO-3's collective forwards cannot; set "
+                         "engine.zero_stage=2")
+    if cfg.data.format != "folder" or cfg.data.val_root:
+        raise ValueError("the segment job reads both splits from data.root in the ADE20K layout: set "
+                         "data.format=folder and data.val_root='' (the validation split is "
+                         "data.root/images/validation)")
+    _check_segment_labels(cfg.data.root, s.num_classes, s.reduce_zero_label)
+    if s.init_from:
+        from beit_scale.checkpoint.export import describe_source  # metadata only
+
+        source = describe_source(s.init_from, "segment.init_from")
+        if source.model and source.model != cfg.model.name:
+            raise ValueError(f"segment.init_from={s.init_from!r} was trained as {source.model} but "
+                             f"model.name={cfg.model.name}; set model.name={source.model}")
+
+
+def _zero_stage(cfg: Config) -> int:
+    from beit_scale.engine.ds_config import load_ds_config  # JSON only
+
+    stage = cfg.engine.zero_stage
+    return load_ds_config(cfg.engine.ds_config).get("zero_optimization", {}).get("stage", 0) if stage is None else stage
+
+
+def _check_segment_labels(root: str, num_classes: int, reduce: bool) -> None:
+    """Both splits are there, and the first training annotation's classes fit ``num_classes`` (the labels after
+    ADE20K's shift when ``reduce``), so a wrong setting fails here and not in the loss hours later."""
+    from beit_scale.data.segmentation import IGNORE_INDEX, load_label, reduce_zero_label
+
+    for split in ("training", "validation"):
+        for kind in ("images", "annotations"):
+            if not (Path(root) / kind / split).is_dir():
+                raise ValueError(f"data.root={root!r} has no {kind}/{split} folder; the segment job reads the ADE20K "
+                                 "layout ROOT/images/{training,validation}/<stem>.jpg and "
+                                 "ROOT/annotations/{training,validation}/<stem>.png")
+    first = min((p for p in (Path(root) / "annotations" / "training").iterdir() if p.suffix == ".png"), default=None)
+    if first is None:
+        raise ValueError(f"data.root={root!r}: annotations/training holds no .png annotation")
+    label = load_label(str(first))
+    label = reduce_zero_label(label) if reduce else label
+    bad = sorted(set(label.ravel().tolist()) - {IGNORE_INDEX} - set(range(num_classes)))
+    if bad:
+        raise ValueError(f"annotation {first} holds classes {bad[:5]} (after segment.reduce_zero_label="
+                         f"{str(reduce).lower()}) outside [0, segment.num_classes={num_classes}) and the ignore label "
+                         f"{IGNORE_INDEX}; set "
+                         "segment.num_classes to the dataset's classes, and segment.reduce_zero_label=true for ADE20K "
+                         "(annotation 0 = ignored) or false where 0 is a class")
+
+
 _BY_KIND = {"mim": _check_pretrain, "tokenizer": _check_tokenizer_arch, "finetune": _check_finetune,
-            "probe": _check_probe}
+            "probe": _check_probe, "segment": _check_segment}

@@ -73,7 +73,6 @@ class TokenizerConfig:
     teacher_timm_name: str = ""  # vqkd: timm model name of a timm .safetensors teacher; "" = a beit_scale source
 
 
-
 @dataclass(frozen=True)
 class MaskingConfig:
     kind: Literal["blockwise", "random"] = "blockwise"  # Algorithm 1 of the paper, or the random ablation
@@ -110,6 +109,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float = 3.0  # max global grad norm; 0 disables clipping
+    # lr after the warmup: cosine to min_lr over the remaining steps, or poly (mmseg's `poly`, segmentation):
+    # min_lr + (lr - min_lr) * (1 - step / train.total_steps) ** poly_power
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_power: float = 1.0  # exponent of the poly schedule (1.0: linear decay, as BEiT's segmentation)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,30 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Semantic segmentation (`segment`): BEiT + UperNet on data.root in the ADE20K layout
+    (images/{training,validation}/<stem>.jpg, annotations/.../<stem>.png); flips use data.hflip."""
+
+    init_from: str = ""  # pretraining/fine-tuning run or checkpoint folder, .safetensors (ours, timm's); "" = scratch
+    num_classes: int = 150  # classes the model predicts (ADE20K: 150 after reduce_zero_label)
+    reduce_zero_label: bool = True  # annotation 0 ("other") ignored, class c becomes c-1 (ADE20K); false: 0 is a class
+    class_names: tuple[str, ...] = ()  # names of the classes for the per-class IoU; () = their indices
+    crop_px: int = 512  # square training crop and model input, px (a multiple of twice the patch size)
+    scale: tuple[int, int] = (2048, 512)  # (long, short) px an image is rescaled into, keeping its ratio, then cropped
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # training multiplies `scale` by a ratio drawn from this range
+    cat_max_ratio: float = 0.75  # a crop is redrawn while one class covers this share of it; 1 = off
+    photometric: bool = True  # mmseg's photometric distortion (brightness, contrast, saturation, hue)
+    aux_weight: float = 0.4  # weight of the auxiliary FCN head's loss; 0 = main loss only
+    channels: int = 0  # UperNet width; 0 = the backbone's embedding width (the reference's)
+    aux_channels: int = 256  # width of the auxiliary FCN head
+    dropout: float = 0.1  # dropout before both classifiers
+    layer_decay: float = 0.9  # lr scale ratio between consecutive layers (0.9 base, 0.95 large); 1 = none
+    eval_stride: int = 341  # sliding-window step in px at evaluation (341 for 512 crops, 426 for 640)
+    eval_every: int = 0  # optimizer steps between mIoU evaluations on the validation split; 0 = only at the end
+    eval_images: int = 0  # evaluate on the first N validation images; 0 = all of them
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,6 +210,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 @dataclass(frozen=True)
@@ -378,7 +406,8 @@ SAFE_ON_RESUME = frozenset({
     "run.output_dir", "data.num_workers", "tokenizer.recon_every",
     "train.micro_batch", "train.grad_accum", "train.log_every", "train.eval_batches", "train.trace_samples",
     "train.on_nonfinite", "train.max_consecutive_skips", "train.preempt_signal", "train.preempt_check_every",
-    "train.heartbeat_timeout", "train.stall_timeout", "finetune.eval_every", "engine.compile",
+    "train.heartbeat_timeout", "train.stall_timeout", "finetune.eval_every", "segment.eval_every",
+    "segment.eval_images", "engine.compile",
     "engine.peak_tflops",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_damaged",
     "checkpoint.start_over", "checkpoint.allow_changes",

@@ -17,7 +17,8 @@ class Job:
     command: str  # `beit-scale <command>`, and a pipeline stage's `job:`
     module: str  # beit_scale.train.<module>.run(cfg) trains it
     script: str  # launch/<script>.sbatch submits it to Slurm
-    kind: str  # the recipe's kind, which picks its checks: "tokenizer", "mim", "finetune" or "probe" (checks.py)
+    kind: str  # the recipe's kind, which picks its checks: "tokenizer", "mim", "finetune", "probe"
+    # or "segment" (checks.py)
     help: str  # one line for `beit-scale --help`
 
     def run(self, cfg) -> dict:
@@ -33,6 +34,8 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "image classification from pretrained weights, layer-wise lr decay"),
     Job("linprobe", "linprobe", "linprobe", "linprobe", "probe",
         "linear classifier on frozen features of one block"),
+    Job("segment", "segment", "segment", "segment", "segment",
+        "semantic segmentation (BEiT + UperNet) from pretrained weights, layer-wise lr decay"),
 )}
 JOB_NAMES = tuple(JOBS)  # the values run.job accepts
 BY_COMMAND: dict[str, Job] = {job.command: job for job in JOBS.values()}

@@ -6,7 +6,7 @@ A chain is a versioned YAML file (shipped ones in ``beit_scale/recipes/chains/``
     sbatch: ["--time=48:00:00"]            # options for every stage (optional)
     stages:
       - name: tokenizer
-        job: train-tokenizer               # pretrain, train-tokenizer, finetune, linprobe or consolidate
+        job: train-tokenizer               # pretrain, train-tokenizer, finetune, linprobe, segment or consolidate
         config: tokenizer_dvae_in1k
         overrides: [data.root=/datasets/in1k/train]
         sbatch: ["-N", "4"]                # this stage's own options (optional)

@@ -1,4 +1,4 @@
-"""Build the DeepSpeed engine: client AdamW with decay groups, timm's cosine schedule, injected batch config."""
+"""Build the DeepSpeed engine: client AdamW with decay groups, timm's cosine or poly schedule, injected batch config."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,7 @@ import logging
 import deepspeed
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import nn
 
 from beit_scale.config import OptimConfig
@@ -31,13 +31,30 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | Non
 
 
 class StepSchedule:
-    """Warmup then cosine, defined in global optimizer steps, on timm's CosineLRScheduler.
+    """Linear warmup from 0, then cosine (``optim.schedule=cosine``, timm's CosineLRScheduler) or poly
+    (``optim.schedule=poly``, timm's PolyLRScheduler), defined in global optimizer steps.
+
+    Cosine runs over the steps after the warmup. Poly is mmseg's, which BEiT's segmentation uses: the decay
+    counts from step 0 over all ``total_steps`` and the warmup ramps up to it,
+    ``lr(step) = min_lr + (lr - min_lr) * (1 - step / total_steps) ** poly_power`` after the warmup.
 
     Stateless with respect to checkpoints: ``apply(step)`` sets every group's lr for optimizer step ``step``
     (times its ``lr_scale`` if present), so a resumed run only needs its step counter.
     """
 
     def __init__(self, optimizer, cfg: OptimConfig, total_steps: int):
+        if cfg.schedule == "poly":
+            self._sched = PolyLRScheduler(
+                optimizer,
+                t_initial=max(1, total_steps),
+                power=cfg.poly_power,
+                lr_min=cfg.min_lr,
+                warmup_t=cfg.warmup_steps,
+                warmup_lr_init=0.0,
+                warmup_prefix=False,
+                t_in_epochs=False,
+            )
+            return
         self._sched = CosineLRScheduler(
             optimizer,
             t_initial=max(1, total_steps - cfg.warmup_steps),

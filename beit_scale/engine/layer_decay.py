@@ -8,7 +8,9 @@ The groups come from ``timm.optim.param_groups_layer_decay``. That function read
 from ``model.group_matcher()``; for timm's BEiT classifier it gives exactly the ids above, but not for every
 BEiT: timm puts ``mask_token`` at the top with the head, and the final ``norm`` (``global_pool=''``, BeitMIM)
 in the last block's layer.
-So it is handed the model behind a matcher that answers :func:`layer_id_of`, the single definition of the ids.
+So it is handed the model behind a matcher that answers :func:`layer_id_of`, the single definition of the ids
+for timm's BEiT; a model with another layout around the blocks (the segmenter) answers with its own
+``model.layer_id(name)``, which follows the same numbering.
 It does not read ``model.no_weight_decay()`` itself (timm's optimizer factory does); we pass it, as that does.
 """
 from __future__ import annotations
@@ -44,18 +46,25 @@ def layer_id_of(name: str, num_layers: int) -> int:
     raise ValueError(f"parameter {name!r} has no BEiT layer id; add its prefix to beit_scale.engine.layer_decay")
 
 
+def _layer_ids(model: nn.Module, num_layers: int) -> Callable[[str], int]:
+    """``model.layer_id`` where the model defines its own layout (e.g. the segmenter's adapters and heads),
+    else :func:`layer_id_of`."""
+    own = getattr(model, "layer_id", None)
+    return own if own is not None else (lambda name: layer_id_of(name, num_layers))
+
+
 class _LayerIdMatcher:
-    """The two things param_groups_layer_decay reads from a model, with the layer ids of :func:`layer_id_of`."""
+    """The two things param_groups_layer_decay reads from a model, with the layer ids of :func:`_layer_ids`."""
 
     def __init__(self, model: nn.Module, num_layers: int):
         self._model = model
-        self._num_layers = num_layers
+        self._layer_id = _layer_ids(model, num_layers)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self._model.named_parameters()
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
-        return lambda name: layer_id_of(name, self._num_layers)
+        return self._layer_id
 
 
 def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -65,7 +74,8 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
     ([CLS], [M], position tables), on for every other weight.
 
     Args:
-        model: a timm ``Beit`` (the classifier, or ``BeitMIM``) with ``blocks``.
+        model: a timm ``Beit`` (the classifier, or ``BeitMIM``) with ``blocks``, or a model with ``blocks`` and
+            its own ``layer_id(name)`` (``BeitSegmenter``).
         weight_decay: AdamW decay of the decayed groups.
         layer_decay: ratio between the lr scales of consecutive layers (e.g. 0.65 for base, 0.75 for large).
 
@@ -84,9 +94,10 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
         layer_decay=layer_decay,
     )
     name_of = {id(p): n for n, p in model.named_parameters()}
+    layer_id = _layer_ids(model, num_layers)
     for group in groups:
         group.pop("param_names", None)  # optimizers must not receive names; timm keeps them out today
-        ids = {layer_id_of(name_of[id(p)], num_layers) for p in group["params"]}
+        ids = {layer_id(name_of[id(p)]) for p in group["params"]}
         assert len(ids) == 1, f"one timm group mixes layers {sorted(ids)}"
         group["layer_id"] = ids.pop()
         # timm renumbers layers densely; every BEiT layer has parameters, so its numbering is ours

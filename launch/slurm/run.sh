@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The common body of launch/*.sbatch: environment, topology, one launch, and the requeue contract.
 #
-#   launch/slurm/run.sh JOB [beit-scale arguments]     (JOB: pretrain, train-tokenizer, finetune, linprobe)
+#   launch/slurm/run.sh JOB [beit-scale arguments]     (JOB: pretrain, train-tokenizer, finetune, linprobe, segment)
 #
 # BEIT_SCALE_LAUNCHER=srun (default): srun starts one task per GPU; each rank reads SLURM_PROCID and friends.
 # BEIT_SCALE_LAUNCHER=torchrun: srun starts one torchrun per node, torchrun starts GPUS_PER_NODE ranks.

@@ -17,7 +17,7 @@ def _subcommands() -> set[str]:
 
 
 def test_every_job_has_a_command_a_run_function_a_kind_with_checks_and_an_sbatch_script():
-    assert set(JOBS) == {"pretrain", "tokenizer", "finetune", "linprobe"}
+    assert set(JOBS) == {"pretrain", "tokenizer", "finetune", "linprobe", "segment"}
     for job in JOBS.values():
         assert job.command in _subcommands()
         module = __import__(f"beit_scale.train.{job.module}", fromlist=["run"])
@@ -32,7 +32,7 @@ def test_every_job_has_a_command_a_run_function_a_kind_with_checks_and_an_sbatch
 def test_run_job_accepts_exactly_the_registered_names():
     assert typing.get_args(typing.get_type_hints(RunConfig)["job"]) == JOB_NAMES
     with pytest.raises(ValueError, match=r"run\.job='probe' must be one of 'pretrain', 'tokenizer', 'finetune', "
-                                         r"'linprobe'"):
+                                         r"'linprobe', 'segment'"):
         load_config("linprobe_quickstart", ["run.job=probe"])
 
 
