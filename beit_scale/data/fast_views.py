@@ -113,7 +113,7 @@ class FastTwoViewTransform(TwoViewTransform):
         ``(patch views, tokenizer views)``: float32, normalised with mean/std and in the tokenizer's pixel map.
         ``hints``: `PlanHints` of the plans while they were on the CPU (read there without a device sync)."""
         if hints is None:
-            hints = PlanHints.of(plan.cpu())  # a device sync where the plans are on one
+            hints = PlanHints.of(plan.cpu())  # a device sync where plans are on one (finish_batch reads them first)
         x = _apply_plan(patch.float(), plan, hints.slots)  # (B, 3, S, S) in [0, 255]
         own = _apply_plan(tok.float(), plan, hints.slots) if hints.own_tokenizer_view else None
         if self._box:
@@ -229,15 +229,18 @@ class PlanHints(NamedTuple):
 
     @classmethod
     def of(cls, plan: Tensor) -> "PlanHints":
-        seg = plan[:, 1:].reshape(-1, MAX_SEGMENTS, 5)
-        identity = torch.tensor(_IDENTITY, dtype=plan.dtype)
+        """Read from a CPU ``plan`` through numpy: host memory, never a device sync."""
+        p = plan.numpy()
+        seg = p[:, 1:].reshape(-1, MAX_SEGMENTS, 5)
+        identity = np.array(_IDENTITY, dtype=p.dtype)
         return cls([(i, bool((seg[:, i, 1] != 0).any())) for i in range(MAX_SEGMENTS) if (seg[:, i] != identity).any()],
-                   bool((plan[:, 0] < 0.5).any()))
+                   bool((p[:, 0] < 0.5).any()))
 
 
 def _apply_plan(x: Tensor, plan: Tensor, slots: list[tuple[int, bool]] | None = None) -> Tensor:
     """(B, 3, H, W) float pixels in [0, 255] through each sample's segments, in place: ``clip(alpha x + beta grey(x)
-    + gamma, lo, hi)`` in turn (``plan[:, 1:]``, MAX_SEGMENTS x 5 values a sample); ``slots`` (`PlanHints.slots`) skips those that are the identity for every sample and the grey where no sample mixes channels."""
+    + gamma, lo, hi)`` in turn (``plan[:, 1:]``, MAX_SEGMENTS x 5 values a sample); ``slots`` (`PlanHints.slots`)
+    skips those that are the identity for every sample and the grey where no sample mixes channels."""
     seg = plan[:, 1:].reshape(-1, MAX_SEGMENTS, 5, 1, 1, 1)  # (B, segment, value, 1, 1, 1)
     for i, mixes in slots if slots is not None else [(i, True) for i in range(MAX_SEGMENTS)]:
         alpha, beta, gamma, lo, hi = seg[:, i].unbind(1)  # each (B, 1, 1, 1)
@@ -247,8 +250,8 @@ def _apply_plan(x: Tensor, plan: Tensor, slots: list[tuple[int, bool]] | None = 
         else:
             x.mul_(alpha).add_(gamma)
         if x.device.type == "cpu":  # a clamp to per-sample bounds broadcast is 15x slower there than to numbers
-            for sample, low, high in zip(x, lo.flatten().tolist(), hi.flatten().tolist()):
-                sample.clamp_(low, high)
+            for sample, low, high in zip(x, lo.flatten().numpy(), hi.flatten().numpy()):  # host memory: no sync
+                sample.clamp_(float(low), float(high))
         else:
             torch.clamp(x, lo, hi, out=x)
     return x
