@@ -75,25 +75,36 @@ def train_engine(cfg, info):
     return full_state_dict(engine), losses, groups, engine.zero_optimization_stage()
 
 
-def train_reference(cfg, world: int):
-    model = fresh_model(cfg)
-    optimizer = build_optimizer(model, cfg.optim, groups_of(cfg, model))
-    schedule = StepSchedule(optimizer, cfg.optim, STEPS)
+def replay(model, optimizer, schedule, world: int, batch_of, loss_of, clip: float, steps: int = STEPS,
+           accum: int = ACCUM) -> tuple[list[float], list]:
+    """Plain PyTorch over the global batches the ranks trained on: for each of ``steps`` steps, every rank's
+    ``accum`` micro batches (``batch_of(rank, step, micro)``), the mean loss (``loss_of(model, *batch)``),
+    clipping, step.
+    Returns the losses and each step's `group_view`."""
     losses, groups = [], []
-    for step in range(STEPS):
+    for step in range(steps):
         schedule.apply(step)
         groups.append(group_view(optimizer))
         optimizer.zero_grad()
         total = 0.0
         for rank in range(world):
-            for micro in range(ACCUM):
-                images, labels = batch(rank, step, micro)
-                loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.finetune.label_smoothing)
-                (loss / (world * ACCUM)).backward()
-                total += loss.item() / (world * ACCUM)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            for micro in range(accum):
+                loss = loss_of(model, *batch_of(rank, step, micro))
+                (loss / (world * accum)).backward()
+                total += loss.item() / (world * accum)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         losses.append(total)
+    return losses, groups
+
+
+def train_reference(cfg, world: int):
+    model = fresh_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim, groups_of(cfg, model))
+    losses, groups = replay(model, optimizer, StepSchedule(optimizer, cfg.optim, STEPS), world, batch,
+                            lambda m, images, labels: F.cross_entropy(m(images), labels,
+                                                                      label_smoothing=cfg.finetune.label_smoothing),
+                            cfg.optim.clip_grad)
     return {k: v.detach() for k, v in model.state_dict().items()}, losses, groups
 
 

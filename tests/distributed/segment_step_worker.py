@@ -21,7 +21,7 @@ from beit_scale.engine.ds_config import build_ds_config
 from beit_scale.engine.layer_decay import layer_decay_param_groups, param_names_per_group
 from beit_scale.models import get_spec
 from beit_scale.models.segmentation import BeitSegmenter, segmentation_loss
-from tests.distributed.finetune_step_worker import group_view
+from tests.distributed.finetune_step_worker import group_view, replay
 
 STEPS, ACCUM, MICRO, CLASSES, PX = 3, 2, 4, 11, 32
 
@@ -87,21 +87,8 @@ def train_engine(cfg, info):
 def train_reference(cfg, world: int):
     model = fresh_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, groups_of(cfg, model))
-    schedule = StepSchedule(optimizer, cfg.optim, STEPS)
-    losses, seen = [], []
-    for step in range(STEPS):
-        schedule.apply(step)
-        seen.append(group_view(optimizer))
-        optimizer.zero_grad()
-        total = 0.0
-        for rank in range(world):
-            for micro in range(ACCUM):
-                loss = loss_of(model, *batch(rank, step, micro), cfg)
-                (loss / (world * ACCUM)).backward()
-                total += loss.item() / (world * ACCUM)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        losses.append(total)
+    losses, seen = replay(model, optimizer, StepSchedule(optimizer, cfg.optim, STEPS), world, batch,
+                          lambda m, images, labels: loss_of(m, images, labels, cfg), cfg.optim.clip_grad, STEPS, ACCUM)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, seen
 
 

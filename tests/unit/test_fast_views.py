@@ -235,7 +235,8 @@ def test_array_decode_gives_pils_pixels_and_errors(photos):
     rgba = Image.fromarray(np.asarray(photo)[:40, :50]).convert("RGBA")
     cases = {"baseline": _jpeg(photo, quality=90), "progressive": _jpeg(photo, progressive=True),
              "subsampling 4:4:4": _jpeg(photo, subsampling=0), "grey": _jpeg(photo.convert("L")),
-             "cmyk": _jpeg(photo.convert("CMYK")), "png with alpha": _png(rgba), "palette png": _png(rgba.convert("RGB").convert("P"))}
+             "cmyk": _jpeg(photo.convert("CMYK")), "png with alpha": _png(rgba),
+             "palette png": _png(rgba.convert("RGB").convert("P"))}
     for name, data in cases.items():
         array = decode_rgb_array(data)
         assert array.dtype == np.uint8 and array.shape[2] == 3, name
@@ -301,4 +302,5 @@ def test_a_dataset_decodes_to_arrays_for_the_fast_transform(tmp_path, photos):
     for i in range(3):
         assert isinstance(arrays[i][0], np.ndarray) and np.array_equal(arrays[i][0], np.asarray(pil[i][0]))
     assert arrays.bad_paths == pil.bad_paths == {str(tmp_path / "a" / "y.jpg")}
-    assert takes_arrays(two_view_transform("fast", 32, 16)) and not takes_arrays(two_view_transform("reference", 32, 16))
+    assert takes_arrays(two_view_transform("fast", 32, 16))
+    assert not takes_arrays(two_view_transform("reference", 32, 16))
