@@ -141,6 +141,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def tokenizer_and_pretraining(out_dir: Path, scale: float, data: list[str], steps: dict, overrides: dict,
+                              wall: dict) -> tuple[dict, dict]:
+    """Stages 2 and 3 into ``out_dir/tokenizer`` and ``out_dir/pretrain`` (the latter a finished run folder for
+    ``init_from``), their steps shrunk by ``scale``; each stage's steps, overrides and wall time go to the dicts
+    ``steps``, ``overrides`` and ``wall``. Returns (tokenizer summary, pretraining summary)."""
+    ov, steps["tokenizer"] = step_overrides(RECIPES["tokenizer"], scale)
+    overrides["tokenizer"] = [f"run.output_dir={out_dir / 'tokenizer'}", *data, *ov]
+    tok_summary, wall["tokenizer"] = run_job("tokenizer", "train-tokenizer", RECIPES["tokenizer"],
+                                             overrides["tokenizer"], out_dir)
+
+    ov, steps["pretrain"] = step_overrides(RECIPES["pretrain"], scale)
+    overrides["pretrain"] = [f"run.output_dir={out_dir / 'pretrain'}",
+                             f"tokenizer.path={RunLayout(out_dir / 'tokenizer').tokenizer}", *data, *ov]
+    pt_summary, wall["pretrain"] = run_job("pretrain", "pretrain", RECIPES["pretrain"], overrides["pretrain"], out_dir)
+    return tok_summary, pt_summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
@@ -149,16 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall: dict[str, float] = {}
     train_root, test_root, train_n, test_n, data = prepare(out_dir, STAGES, args.scale, args.seed, wall, "bench")
     steps, overrides = {}, {}
-
-    ov, steps["tokenizer"] = step_overrides(RECIPES["tokenizer"], args.scale)
-    overrides["tokenizer"] = [f"run.output_dir={out_dir / 'tokenizer'}", *data, *ov]
-    tok_summary, wall["tokenizer"] = run_job("tokenizer", "train-tokenizer", RECIPES["tokenizer"],
-                                             overrides["tokenizer"], out_dir)
-
-    ov, steps["pretrain"] = step_overrides(RECIPES["pretrain"], args.scale)
-    overrides["pretrain"] = [f"run.output_dir={out_dir / 'pretrain'}",
-                             f"tokenizer.path={RunLayout(out_dir / 'tokenizer').tokenizer}", *data, *ov]
-    pt_summary, wall["pretrain"] = run_job("pretrain", "pretrain", RECIPES["pretrain"], overrides["pretrain"], out_dir)
+    tok_summary, pt_summary = tokenizer_and_pretraining(out_dir, args.scale, data, steps, overrides, wall)
 
     ov, steps["finetune"] = step_overrides(RECIPES["finetune"], args.scale)
     finetunes = {}

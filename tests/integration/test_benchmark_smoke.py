@@ -1,6 +1,7 @@
 """The benchmark scripts end to end at a tiny scale: `benchmarks/fmnist_pretrain_vs_scratch.py` (export, tokenizer,
 MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete), `benchmarks/fmnist_ablations.py`
-(its four arms, on the first benchmark's tokenizer), `benchmarks/throughput.py
+(its four arms, on the first benchmark's tokenizer), `benchmarks/fmnist_segment_pretrained_vs_scratch.py` (both
+segmentation arms, from the first benchmark's pretraining and from scratch), `benchmarks/throughput.py
 --smoke` (every row, with speed and host syncs per step) and `benchmarks/input_pipeline.py --smoke` (every input
 pipeline from a folder and from shards).
 
@@ -90,6 +91,37 @@ def test_ablation_benchmark_writes_the_top1_of_all_four_arms(fmnist_bench, tmp_p
     assert math.isfinite(result["pretrain"]["random_tokens"]["masked_token_accuracy"])
     assert "tokenizer.path=" in result["settings"]["overrides"]["pretrain_blockwise_pixels"]
     assert "initialised from" in (tmp_path / "logs" / "finetune_blockwise_pixels.log").read_text()
+
+
+# The shared benchmark above (up to 570 s) runs first when this test runs alone; the segmentation benchmark itself
+# should take about 60 s on 2 idle cores (two CLI jobs of 24 steps, 16 labelled and 16 validation scenes), with a 3x margin.
+@pytest.mark.timeout(600 + 180 + 30)
+def test_segment_benchmark_scores_both_arms_from_the_shared_pretraining_and_from_scratch(fmnist_bench, tmp_path):
+    pretrained = (fmnist_bench.out_dir / "pretrain").resolve()
+    result_file = tmp_path / "segment.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_segment_pretrained_vs_scratch.py", "--out-dir",
+                           str(tmp_path), "--scale", "0.016", "--pretrained", str(pretrained),
+                           "--json", str(result_file)],
+                          cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    result = json.loads(result_file.read_text())
+    arms = result["arms"]
+    assert set(arms) == {"pretrained", "scratch"}
+    for arm in arms.values():
+        assert all(math.isfinite(arm[k]) and 0.0 <= arm[k] <= 1.0 for k in ("mIoU", "mAcc", "aAcc")), arm
+        assert len(arm["per_class_iou"]) == 11 and "background" in arm["per_class_iou"]
+    assert (result["mIoU_pretrained"], result["mIoU_scratch"]) == (arms["pretrained"]["mIoU"], arms["scratch"]["mIoU"])
+    assert f"pretrained {result['mIoU_pretrained']:.4f}, scratch {result['mIoU_scratch']:.4f}" in proc.stdout
+    settings = result["settings"]
+    assert settings["nominal_train_scenes"] == 160 and settings["labelled_scenes"] == 16
+    assert settings["val_scenes"] == 16 and settings["pretrained"]["source"] == "given (--pretrained)"
+    # Both arms ran the same job but from different weights; the given pretraining was not trained again.
+    assert settings["overrides"]["segment_pretrained"][2] == f"segment.init_from={pretrained}"
+    assert settings["overrides"]["segment_scratch"][2] == "segment.init_from="
+    assert arms["pretrained"]["init_from"] and not arms["scratch"]["init_from"]
+    assert not (tmp_path / "pretrain").exists() and not (tmp_path / "tokenizer").exists()
+    assert "initialised the backbone from" in (tmp_path / "logs" / "segment_pretrained.log").read_text()
+    assert "the backbone starts from random initialisation" in (tmp_path / "logs" / "segment_scratch.log").read_text()
 
 
 @pytest.mark.timeout(300)
