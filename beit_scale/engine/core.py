@@ -69,10 +69,35 @@ class StepSchedule:
         self._sched.step_update(step)
 
 
+def leaf_modules_for(model: nn.Module, ds_config: dict) -> dict:
+    """``ds_config`` without the ZeRO-3 leaf-module classes that ``model`` does not contain.
+
+    One ds_config serves several jobs (``tiny.json`` names timm's Beit ``Block`` for the ViTs; the dVAE has none),
+    and DeepSpeed warns on every start when no module matches. Classes are matched by their dotted path, as
+    DeepSpeed names them; a leaf-module section that also lists names or name suffixes is left alone.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    leaf = zero.get("leaf_module")
+    if not isinstance(leaf, dict) or set(leaf) != {"classes"}:
+        return ds_config
+    present = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
+    present |= {type(m).__name__ for m in model.modules()}
+    kept = [c for c in leaf["classes"] if c in present]
+    if kept == list(leaf["classes"]):
+        return ds_config
+    log.debug("ZeRO leaf-module classes absent from %s dropped: %s", type(model).__name__,
+              sorted(set(leaf["classes"]) - set(kept)))
+    zero = {k: v for k, v in zero.items() if k != "leaf_module"}
+    if kept:
+        zero["leaf_module"] = {"classes": kept}
+    return {**ds_config, "zero_optimization": zero}
+
+
 def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_config: dict, total_steps: int,
                  groups: list[dict] | None = None):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, schedule). ``groups``: see :func:`build_optimizer`."""
     optimizer = build_optimizer(model, optim_cfg, groups)
+    ds_config = leaf_modules_for(model, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     fewer_step_syncs(engine)
     schedule = StepSchedule(engine.optimizer, optim_cfg, total_steps)

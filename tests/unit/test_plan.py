@@ -95,3 +95,24 @@ def test_each_large_recipe_fits_an_80_gb_card_without_recomputation_at_zero_1(re
     total, largest = model_counts(name)
     need = model_states_bytes(total, largest, 1, gpus, False) + activation_bytes(name, cfg.train.micro_batch, False)
     assert need + CONTEXT_BYTES < 0.8 * 80 * GIB, (recipe, gpus, need / GIB)
+
+
+def test_leaf_module_classes_absent_from_the_model_are_dropped_before_deepspeed_sees_them():
+    from timm.models.beit import Block
+    from torch import nn
+
+    from beit_scale.engine.core import leaf_modules_for
+
+    ds = load_ds_config("ds_configs/tiny.json")
+    assert ds["zero_optimization"]["leaf_module"] == {"classes": ["timm.models.beit.Block"]}
+    dvae_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    kept = leaf_modules_for(dvae_like, ds)
+    assert "leaf_module" not in kept["zero_optimization"]
+    assert kept["zero_optimization"]["stage"] == ds["zero_optimization"]["stage"]
+    assert "leaf_module" in ds["zero_optimization"], "the caller's config is not modified"
+    vit_like = nn.Sequential(Block(dim=8, num_heads=2))
+    assert leaf_modules_for(vit_like, ds) is ds
+    mixed = {"zero_optimization": {"leaf_module": {"classes": ["Block", "nowhere.Missing"]}}}
+    assert leaf_modules_for(vit_like, mixed)["zero_optimization"]["leaf_module"] == {"classes": ["Block"]}
+    by_name = {"zero_optimization": {"leaf_module": {"classes": ["nowhere.Missing"], "names": ["0"]}}}
+    assert leaf_modules_for(dvae_like, by_name) is by_name
