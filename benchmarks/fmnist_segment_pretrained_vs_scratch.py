@@ -3,14 +3,15 @@ trained on 10% of the labelled scenes, scored by mIoU on held-out scenes.
 
 Runs the real CLI jobs, one process each, with the functions of ``benchmarks/fmnist_pretrain_vs_scratch.py``:
 
-1. the pretrained weights: ``--pretrained RUN_OR_FILE`` (a finished ``bench_fmnist_pretrain`` run folder, e.g.
-   ``runs/bench_fmnist/pretrain`` of that benchmark, or its ``model.safetensors``), or, without it, that
-   benchmark's stages 1-3 here (Fashion-MNIST export, ``train-tokenizer``, ``pretrain --config bench_fmnist_pretrain``);
-2. export Fashion-MNIST scenes (``export_fmnist_scenes``: 64 px canvases of 2-4 real items, labels class + 1,
-   background 0, 11 classes): 10% of a nominal 10,000 training scenes, so 1,000 (the segment job has no
-   train-fraction setting: the export holds only the labelled share), and 1,000 validation scenes whose items come
-   from the Fashion-MNIST test split;
-3. ``segment --config bench_fmnist_segment segment.init_from=<1>``: BEiT + UperNet on the 1,000 scenes;
+1. export Fashion-MNIST scenes (``export_fmnist_scenes``: 64 px canvases of 2-4 real items, labels class + 1,
+   background 0, 11 classes): a nominal 10,000 training scenes of which the first 10%, 1,000, are labelled (the
+   segment job has no train-fraction setting: they are exported again on their own) and 1,000 validation scenes
+   whose items come from the Fashion-MNIST test split;
+2. the pretrained weights: ``--pretrained RUN_OR_FILE`` (a finished pretraining run folder or its
+   ``model.safetensors``), or, without it, MIM pretraining here on the 10,000 training scenes without their labels
+   (``pretrain --config bench_fmnist_segment_pretrain``), with a dVAE tokenizer from ``--tokenizer FILE`` or trained
+   here on Fashion-MNIST (``train-tokenizer --config quickstart_tokenizer``, as the first benchmark);
+3. ``segment --config bench_fmnist_segment segment.init_from=<2>``: BEiT + UperNet on the 1,000 labelled scenes;
 4. ``segment --config bench_fmnist_segment segment.init_from=``: the same job from random initialisation.
 
 Steps 3 and 4 differ only in ``segment.init_from`` (and their output folders): same recipe, steps, batch, seed,
@@ -18,12 +19,12 @@ scenes, data order and augmentation. Both are scored on the validation scenes by
 mIoU, mAcc, aAcc and the IoU of each class of both arms, the settings, the machine and the wall time of every
 stage go to a JSON file, and the verdict is printed.
 
-    python benchmarks/fmnist_segment_pretrained_vs_scratch.py --out-dir runs/bench_fmnist_segment \\
-        --pretrained runs/bench_fmnist/pretrain                      # about 20 min on 2 idle CPU cores (estimated)
+    python benchmarks/fmnist_segment_pretrained_vs_scratch.py --out-dir runs/bench_fmnist_segment   # ~30 min, 2 cores
     python benchmarks/fmnist_segment_pretrained_vs_scratch.py --out-dir /tmp/smoke --scale 0.02 \\
-        --pretrained /tmp/bench/pretrain                             # a smoke run, about a minute
+        --tokenizer /tmp/bench/tokenizer/tokenizer.safetensors       # a smoke run, about a minute
 
-Without ``--pretrained`` the pretraining stages add about 35 minutes at ``--scale 1`` (see the other benchmark).
+``--pretrained runs/bench_fmnist/pretrain`` starts the first arm from the first benchmark's Fashion-MNIST
+pretraining instead (measured: worse than random initialisation on these scenes; see the README).
 ``--scale`` multiplies the number of scenes and every stage's steps (warmup and checkpoint intervals too); below 1
 the pretraining has no reason to win, it only shows that the pipeline runs. At ``--scale 1`` the JSON goes to
 ``benchmarks/results/fmnist_segment_pretrained_vs_scratch.json`` unless ``--json`` says otherwise.
@@ -42,27 +43,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist_pretrain_vs_scratch import (prepare, resolved_config, run_job,  # noqa: E402
-                                                   scaled, step_overrides, tokenizer_and_pretraining, versions)
+from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, prepare, resolved_config,  # noqa: E402
+                                                   run_job, scaled, step_overrides, versions)
 from benchmarks.quickstart import cpu_model  # noqa: E402  (the machine record of the other benchmarks)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
 from beit_scale.data.fmnist_scenes import export_fmnist_scenes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fmnist_segment_pretrained_vs_scratch.json"
 RECIPE = "bench_fmnist_segment"
+PRETRAIN_RECIPE = "bench_fmnist_segment_pretrain"
 NOMINAL_TRAIN_SCENES, VAL_SCENES = 10000, 1000  # at --scale 1
 LABELLED_FRACTION = 0.1  # of the nominal training scenes; only these are exported
 ARMS = ("segment_pretrained", "segment_scratch")
 METRICS = ("mIoU", "mAcc", "aAcc")
-PRETRAIN_KEYS = ("final_loss", "masked_token_accuracy", "majority_token_accuracy", "steps", "images_per_second")
+PRETRAIN_KEYS = ("final_loss", "masked_token_accuracy", "majority_token_accuracy", "train_masked_token_accuracy",
+                 "target_codebook_usage", "steps", "images_per_second")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="runs/bench_fmnist_segment", help="scenes and the run folders go here")
     p.add_argument("--pretrained", default=None,
-                   help="a finished bench_fmnist_pretrain run folder or its .safetensors weights (default: train a "
-                        "tokenizer and pretrain here, at --scale)")
+                   help="a finished pretraining run folder or its .safetensors weights (default: pretrain here on "
+                        "the unlabelled training scenes, at --scale)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the pretraining's tokenizer file (e.g. runs/bench_fmnist/tokenizer/tokenizer.safetensors; "
+                        "default: train one here on Fashion-MNIST)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="factor on scenes and steps of every stage, e.g. 0.02 for a smoke run (default 1)")
     p.add_argument("--seed", type=int, default=0, help="run.seed of every stage and the scenes' seed")
@@ -71,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1:
         p.error(f"--scale={args.scale} must be in (0, 1]")
+    if args.pretrained and args.tokenizer:
+        p.error("--tokenizer is for the pretraining this script runs; with --pretrained nothing is pretrained here")
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        p.error(f"--tokenizer={args.tokenizer}: no such file")
     if args.pretrained:
         source = Path(args.pretrained)
         if source.is_dir() and not RunLayout(source).model.is_file():
@@ -97,6 +107,42 @@ def export_scenes(out_dir: Path, scale: float, seed: int, global_batch: int, wal
     return root, nominal, labelled, val
 
 
+def export_unlabelled(out_dir: Path, nominal: int, seed: int, wall: dict) -> Path:
+    """All ``nominal`` training scenes (the labelled ones are their first scenes, identical by construction) as an
+    ImageFolder for the pretraining: ``unlabelled_<n>_seed<s>/scenes`` links to the export's training images."""
+    start = time.perf_counter()
+    pool = export_fmnist_scenes(out_dir / "data" / f"scenes_{nominal}_1_seed{seed}", nominal, 1, seed=seed)
+    root = out_dir / "data" / f"unlabelled_{nominal}_seed{seed}"
+    link = root / "scenes"
+    if not link.is_symlink():
+        root.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(pool / "images" / "training", target_is_directory=True)
+    wall["export_unlabelled"] = time.perf_counter() - start
+    print(f"[segment-bench] pretraining images: the {nominal} training scenes without labels, in {root}", flush=True)
+    return root
+
+
+def pretrain_on_scenes(out_dir: Path, args: argparse.Namespace, nominal: int, steps: dict, overrides: dict,
+                       wall: dict) -> dict:
+    """The tokenizer (unless ``--tokenizer``) and the MIM pretraining on the unlabelled scenes, into
+    ``out_dir/tokenizer`` and ``out_dir/pretrain``; returns the pretraining's summary."""
+    if args.tokenizer:
+        tokenizer = Path(args.tokenizer).resolve()
+    else:
+        _, _, _, _, data = prepare(out_dir, ("tokenizer",), args.scale, args.seed, wall, "segment-bench")
+        ov, steps["tokenizer"] = step_overrides(RECIPES["tokenizer"], args.scale)
+        overrides["tokenizer"] = [f"run.output_dir={out_dir / 'tokenizer'}", *data, *ov]
+        _, wall["tokenizer"] = run_job("tokenizer", "train-tokenizer", RECIPES["tokenizer"], overrides["tokenizer"],
+                                       out_dir)
+        tokenizer = RunLayout(out_dir / "tokenizer").tokenizer
+    unlabelled = export_unlabelled(out_dir, nominal, args.seed, wall)
+    ov, steps["pretrain"] = step_overrides(PRETRAIN_RECIPE, args.scale)
+    overrides["pretrain"] = [f"run.output_dir={out_dir / 'pretrain'}", f"tokenizer.path={tokenizer}",
+                             f"data.root={unlabelled}", f"run.seed={args.seed}", *ov]
+    summary, wall["pretrain"] = run_job("pretrain", "pretrain", PRETRAIN_RECIPE, overrides["pretrain"], out_dir)
+    return summary
+
+
 def machine() -> dict:
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2),
             "platform": platform.platform(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
@@ -110,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_start = time.perf_counter()
     wall: dict[str, float] = {}
     steps, overrides = {}, {}
-    for arm in ARMS:  # a left-over checkpoint would resume instead of train
+    for arm in (*ARMS, *(() if args.pretrained else ("pretrain",))):  # a left-over checkpoint would resume
         if (out_dir / arm).exists():
             print(f"[segment-bench] removing the previous {out_dir / arm}", flush=True)
             shutil.rmtree(out_dir / arm)
@@ -125,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         if summary_file is not None and summary_file.is_file():
             pt_summary = json.loads(summary_file.read_text())
     else:
-        _, _, _, _, data = prepare(out_dir, ("tokenizer", "pretrain"), args.scale, args.seed, wall, "segment-bench")
-        _, pt_summary = tokenizer_and_pretraining(out_dir, args.scale, data, steps, overrides, wall)
+        pt_summary = pretrain_on_scenes(out_dir, args, nominal, steps, overrides, wall)
         pretrained = out_dir / "pretrain"
 
     summaries = {}
@@ -163,10 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
             "labelled_fraction": LABELLED_FRACTION,
             "labelled_scenes": pre["train_images"],
             "labelled_note": "the segment job has no train-fraction setting: only the first "
-                             f"{LABELLED_FRACTION:.0%} of the nominal training scenes are exported and trained on",
+                             f"{LABELLED_FRACTION:.0%} of the nominal training scenes are exported again on their own and "
+                             "trained on; the pretraining reads all of them without labels",
             "val_scenes": pre["val_images"],
             "canvas_px": 64,
-            "pretrained": {"source": "given (--pretrained)" if args.pretrained else "trained here",
+            "pretrained": {"source": "given (--pretrained)" if args.pretrained else
+                           f"trained here ({PRETRAIN_RECIPE}) on the {nominal} training scenes without labels",
+                           "tokenizer": "given (--tokenizer)" if args.tokenizer else
+                           (None if args.pretrained else "trained here on Fashion-MNIST"),
                            "path": str(pretrained) if args.pretrained else "<out-dir>/pretrain",
                            **{k: pt_summary.get(k) for k in PRETRAIN_KEYS}},
             "steps": steps,

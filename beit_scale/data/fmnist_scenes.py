@@ -1,7 +1,8 @@
 """A small real segmentation set: scenes of Fashion-MNIST items, exported in the ADE20K layout.
 
 Each scene is a ``canvas_px`` square black canvas with 2 to 4 real Fashion-MNIST items pasted at random positions
-and scales, each tinted with a random colour; later items paint over earlier ones (occlusion). An item's pixels
+and scales, each tinted with a random colour (or kept grey: ``tint=False``, the pixels Fashion-MNIST pretraining
+sees); later items paint over earlier ones (occlusion). An item's pixels
 brighter than ``threshold`` (0-255, before tinting) are labelled with its class + 1; the rest of the canvas is
 background, label 0. So the set has **11 classes with background a real class: read it with
 ``reduce_zero_label=False`` and ``num_classes=11``** (:data:`SCENE_CLASSES` names them).
@@ -36,8 +37,11 @@ _SPLIT_KEY = {"training": 0, "validation": 1}
 
 def compose_scene(rng: np.random.Generator, items: np.ndarray, classes: np.ndarray, canvas_px: int = 64,
                   num_items: tuple[int, int] = (2, 4), scale_range: tuple[float, float] = (0.75, 1.5),
-                  threshold: int = 64) -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
+                  threshold: int = 64, tint: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
     """One scene drawn with ``rng`` from the pool ``items`` ``(n, 28, 28)`` uint8 with labels ``classes`` ``(n,)``.
+
+    ``tint=False`` paints the items grey (R = G = B); the random draws are the same, so the scene has the same
+    items, positions, sizes and labels as with ``tint=True``.
 
     Returns:
         ``(image (canvas, canvas, 3) uint8, label (canvas, canvas) uint8, placed)``, ``placed`` listing each item
@@ -50,11 +54,13 @@ def compose_scene(rng: np.random.Generator, items: np.ndarray, classes: np.ndarr
         j = int(rng.integers(len(items)))
         size = min(int(round(28 * rng.uniform(*scale_range))), canvas_px)
         top, left = (int(v) for v in rng.integers(0, canvas_px - size + 1, size=2))
-        tint = rng.uniform(0.5, 1.0, size=3)
+        colour = rng.uniform(0.5, 1.0, size=3)  # drawn either way: grey scenes keep the tinted scenes' layout
+        if not tint:
+            colour = np.ones(3)
         item = np.asarray(Image.fromarray(items[j]).resize((size, size), Image.BILINEAR))  # (size, size)
         fg = item > threshold
         window = (slice(top, top + size), slice(left, left + size))
-        image[window][fg] = np.round(item[fg, None] * tint).astype(np.uint8)
+        image[window][fg] = np.round(item[fg, None] * colour).astype(np.uint8)
         label[window][fg] = int(classes[j]) + 1
         placed.append({"pool_index": j, "class": int(classes[j]), "top": top, "left": left, "size": size})
     return image, label, placed
@@ -73,6 +79,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _with_tint(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A marker's arguments; markers written before ``tint`` existed were tinted exports."""
+    return params if params is None or "tint" in params else {**params, "tint": True}
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, sort_keys=True))
@@ -87,7 +98,7 @@ def _save(array: np.ndarray, path: Path, **kwargs: Any) -> None:
 
 def export_fmnist_scenes(out_root: Path, num_train: int, num_val: int, seed: int = 0,
                          source_dir: Path = DEFAULT_SOURCE_DIR, canvas_px: int = 64, pool_size: int = 10000,
-                         threshold: int = 64) -> Path:
+                         threshold: int = 64, tint: bool = True) -> Path:
     """Write ``num_train`` training and ``num_val`` validation scenes to ``out_root`` in the ADE20K layout.
 
     ``images/{training,validation}/scene_<i:06d>.jpg`` (RGB, quality 95) and ``annotations/.../scene_<i:06d>.png``
@@ -104,6 +115,7 @@ def export_fmnist_scenes(out_root: Path, num_train: int, num_val: int, seed: int
         canvas_px: side of a scene in px (>= 28).
         pool_size: items are drawn from the first ``pool_size`` images of each source split.
         threshold: item pixels above it (0-255) are painted and labelled.
+        tint: each item in a random colour (default), or grey as in Fashion-MNIST itself (``False``).
 
     Returns:
         ``out_root``, ready for ``ADE20KFolder(out_root, split, reduce_zero_label=False)``.
@@ -120,12 +132,11 @@ def export_fmnist_scenes(out_root: Path, num_train: int, num_val: int, seed: int
         raise ValueError(f"threshold={threshold} must be in [0, 255)")
     out_root = Path(out_root)
     params = {"format": _FORMAT, "seed": seed, "num_train": num_train, "num_val": num_val, "canvas_px": canvas_px,
-              "pool_size": pool_size, "threshold": threshold}
-    done = _read_json(out_root / MARKER_NAME)
+              "pool_size": pool_size, "threshold": threshold, "tint": bool(tint)}
+    done, progress = (_with_tint(_read_json(out_root / name)) for name in (MARKER_NAME, PROGRESS_NAME))
     if done == params:
         logger.debug("Fashion-MNIST scenes already exported to %s", out_root)
         return out_root
-    progress = _read_json(out_root / PROGRESS_NAME)
     existing = sorted(p.name for p in out_root.iterdir()) if out_root.is_dir() else []
     if done is not None or (progress is not None and progress != params):
         raise ValueError(f"{out_root} holds a Fashion-MNIST scene export with other arguments "
@@ -149,7 +160,7 @@ def export_fmnist_scenes(out_root: Path, num_train: int, num_val: int, seed: int
             if image_path.is_file() and label_path.is_file():
                 continue  # written by the interrupted export: identical by construction
             rng = np.random.default_rng([seed, _SPLIT_KEY[split], i])
-            image, label, _ = compose_scene(rng, images, classes, canvas_px, threshold=threshold)
+            image, label, _ = compose_scene(rng, images, classes, canvas_px, threshold=threshold, tint=tint)
             _save(label, label_path, compress_level=1)
             _save(image, image_path, quality=95)
             written += 1

@@ -1,7 +1,7 @@
 """The benchmark scripts end to end at a tiny scale: `benchmarks/fmnist_pretrain_vs_scratch.py` (export, tokenizer,
 MIM pretraining and both fine-tunings as real CLI processes, the result JSON complete), `benchmarks/fmnist_ablations.py`
-(its four arms, on the first benchmark's tokenizer), `benchmarks/fmnist_segment_pretrained_vs_scratch.py` (both
-segmentation arms, from the first benchmark's pretraining and from scratch), `benchmarks/throughput.py
+(its four arms, on the first benchmark's tokenizer), `benchmarks/fmnist_segment_pretrained_vs_scratch.py` (MIM
+on its unlabelled scenes with the first benchmark's tokenizer, then both segmentation arms), `benchmarks/throughput.py
 --smoke` (every row, with speed and host syncs per step) and `benchmarks/input_pipeline.py --smoke` (every input
 pipeline from a folder and from shards).
 
@@ -94,15 +94,16 @@ def test_ablation_benchmark_writes_the_top1_of_all_four_arms(fmnist_bench, tmp_p
 
 
 # The shared benchmark above (up to 570 s) runs first when this test runs alone; the segmentation benchmark itself
-# should take about 60 s on 2 idle cores (two CLI jobs of 24 steps, 16 labelled and 16 validation scenes), with a 3x margin.
-@pytest.mark.timeout(600 + 180 + 30)
-def test_segment_benchmark_scores_both_arms_from_the_shared_pretraining_and_from_scratch(fmnist_bench, tmp_path):
-    pretrained = (fmnist_bench.out_dir / "pretrain").resolve()
+# should take about 80 s on 2 idle cores (a pretraining of 40 steps on 160 unlabelled scenes, two segmentation jobs
+# of 48 steps on 16 labelled and 16 validation scenes), with a 3x margin.
+@pytest.mark.timeout(600 + 240 + 30)
+def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_arms(fmnist_bench, tmp_path):
+    tokenizer = (fmnist_bench.out_dir / "tokenizer" / "tokenizer.safetensors").resolve()
     result_file = tmp_path / "segment.json"
     proc = subprocess.run([sys.executable, "benchmarks/fmnist_segment_pretrained_vs_scratch.py", "--out-dir",
-                           str(tmp_path), "--scale", "0.016", "--pretrained", str(pretrained),
+                           str(tmp_path), "--scale", "0.016", "--tokenizer", str(tokenizer),
                            "--json", str(result_file)],
-                          cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     result = json.loads(result_file.read_text())
     arms = result["arms"]
@@ -114,12 +115,21 @@ def test_segment_benchmark_scores_both_arms_from_the_shared_pretraining_and_from
     assert f"pretrained {result['mIoU_pretrained']:.4f}, scratch {result['mIoU_scratch']:.4f}" in proc.stdout
     settings = result["settings"]
     assert settings["nominal_train_scenes"] == 160 and settings["labelled_scenes"] == 16
-    assert settings["val_scenes"] == 16 and settings["pretrained"]["source"] == "given (--pretrained)"
-    # Both arms ran the same job but from different weights; the given pretraining was not trained again.
-    assert settings["overrides"]["segment_pretrained"][2] == f"segment.init_from={pretrained}"
+    assert settings["val_scenes"] == 16 and settings["pretrained"]["tokenizer"] == "given (--tokenizer)"
+    # The pretraining read the 160 training scenes (the 16 labelled ones among them) and no labels, with the given
+    # tokenizer (none trained here); both arms ran the same job but from different weights.
+    pool = sorted((tmp_path / "data" / "unlabelled_160_seed0" / "scenes").iterdir())
+    assert [p.name for p in pool] == [f"scene_{i:06d}.jpg" for i in range(160)]
+    labelled = tmp_path / "data" / "scenes_16_16_seed0" / "images" / "training"
+    assert all((labelled / p.name).read_bytes() == p.read_bytes() for p in pool[:16])
+    assert f"tokenizer.path={tokenizer}" in settings["overrides"]["pretrain"]
+    assert "data.root=<out-dir>/data/unlabelled_160_seed0" in settings["overrides"]["pretrain"]
+    assert math.isfinite(settings["pretrained"]["train_masked_token_accuracy"])
+    assert settings["pretrained"]["steps"] == 40 and "<out-dir>/pretrain" == settings["pretrained"]["path"]
+    assert settings["overrides"]["segment_pretrained"][2] == "segment.init_from=<out-dir>/pretrain"
     assert settings["overrides"]["segment_scratch"][2] == "segment.init_from="
     assert arms["pretrained"]["init_from"] and not arms["scratch"]["init_from"]
-    assert not (tmp_path / "pretrain").exists() and not (tmp_path / "tokenizer").exists()
+    assert not (tmp_path / "tokenizer").exists()
     assert "initialised the backbone from" in (tmp_path / "logs" / "segment_pretrained.log").read_text()
     assert "the backbone starts from random initialisation" in (tmp_path / "logs" / "segment_scratch.log").read_text()
 

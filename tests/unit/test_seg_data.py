@@ -3,6 +3,7 @@ exporter, the ADE20K-layout dataset and the alignment of the training transform.
 from __future__ import annotations
 
 import colorsys
+import json
 import logging
 import math
 import time
@@ -116,6 +117,30 @@ def test_scenes_are_real_fashion_mnist_items_labelled_where_visible_and_determin
                != (other / "annotations/training" / f"scene_{i:06d}.png").read_bytes() for i in range(6))
     ds = ADE20KFolder(root, "validation", reduce_zero_label=False)
     assert len(ds) == 3 and ds[0][1].max() <= 10
+
+
+@needs_fmnist
+def test_grey_scenes_keep_the_tinted_layout_and_labels_and_are_another_export(tmp_path):
+    items, classes = load_pool("training", 10000)
+    tinted_image, tinted_label, tinted_placed = compose_scene(np.random.default_rng([3, 0, 0]), items, classes)
+    grey_image, grey_label, grey_placed = compose_scene(np.random.default_rng([3, 0, 0]), items, classes, tint=False)
+    assert grey_placed == tinted_placed and np.array_equal(grey_label, tinted_label)
+    fg = grey_label > 0
+    assert (grey_image[..., 0] == grey_image[..., 1]).all() and (grey_image[..., 1] == grey_image[..., 2]).all()
+    assert (grey_image[fg].astype(int) >= tinted_image[fg]).all() and (grey_image[~fg] == 0).all()
+    assert not (tinted_image[..., 0] == tinted_image[..., 1]).all()
+
+    root = export_fmnist_scenes(tmp_path / "g", num_train=2, num_val=1, seed=3, tint=False)
+    image = np.array(Image.open(root / "images/training/scene_000000.jpg"))
+    assert np.abs(image.astype(int) - grey_image).mean() < 3
+    with pytest.raises(ValueError, match="other arguments"):
+        export_fmnist_scenes(root, num_train=2, num_val=1, seed=3)  # a tinted export into the grey one
+    marker = json.loads((root / MARKER_NAME).read_text())
+    del marker["tint"]  # as written before the option existed: a tinted export
+    (root / MARKER_NAME).write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="other arguments"):
+        export_fmnist_scenes(root, num_train=2, num_val=1, seed=3, tint=False)
+    assert export_fmnist_scenes(root, num_train=2, num_val=1, seed=3) == root
 
 
 @needs_fmnist
