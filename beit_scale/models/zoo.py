@@ -25,6 +25,8 @@ class BeitSpec:
 ZOO: dict[str, BeitSpec] = {
     # Tiny sizes for tests and the quickstart; published_params is our own count.
     "beit_tiny_patch4_32": BeitSpec(96, 4, 3, 384, 4, 32, 0.1, 0.45e6),
+    # The same backbone on 64 px views (the whole Fashion-MNIST scene canvas) in 8x8 patches of 8 px.
+    "beit_tiny_patch8_64": BeitSpec(96, 4, 3, 384, 8, 64, 0.1, 0.47e6),
     "beit_tiny_patch16_224": BeitSpec(192, 12, 3, 768, 16, 224, 0.1, 5.5e6),
     "beit_base_patch16_224": BeitSpec(768, 12, 12, 3072, 16, 224, 0.1, 86e6),
     "beit_large_patch16_224": BeitSpec(1024, 24, 16, 4096, 16, 224, 1e-5, 304e6),

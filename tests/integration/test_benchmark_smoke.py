@@ -96,7 +96,7 @@ def test_ablation_benchmark_writes_the_top1_of_all_four_arms(fmnist_bench, tmp_p
 # The shared benchmark above (up to 570 s) runs first when this test runs alone; the segmentation benchmark itself
 # took 107 s in a clean-clone CI run on 2 cores (a pretraining of 40 steps on 160 unlabelled scenes, two
 # segmentation jobs of 48 steps on 16 labelled and 16 validation scenes, three process start-ups), with a 3x margin.
-@pytest.mark.timeout(600 + 330 + 30)
+@pytest.mark.timeout(600 + 330 + 180 + 30)
 def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_arms(fmnist_bench, tmp_path):
     tokenizer = (fmnist_bench.out_dir / "tokenizer" / "tokenizer.safetensors").resolve()
     result_file = tmp_path / "segment.json"
@@ -132,6 +132,25 @@ def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_ar
     assert not (tmp_path / "tokenizer").exists()
     assert "initialised the backbone from" in (tmp_path / "logs" / "segment_pretrained.log").read_text()
     assert "the backbone starts from random initialisation" in (tmp_path / "logs" / "segment_scratch.log").read_text()
+
+    # The dense linear probe reads the same scenes and the pretraining's weights: 16 scenes of 64 px are 64 windows
+    # of 32 px; the pretrained backbone is loaded (its probe differs from random weights').
+    probe_file, scenes = tmp_path / "probe.json", str(labelled.parents[1])
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_scene_patch_probe.py", "--scenes", scenes,
+                           "--weights", "random", str(tmp_path / "pretrain"), "--steps", "20", "--json",
+                           str(probe_file)], cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probe = json.loads(probe_file.read_text())
+    assert (probe["train_windows"], probe["val_windows"]) == (64, 64) and list(probe["probes"]) == [
+        "random", str(tmp_path / "pretrain")]
+    for scored in probe["probes"].values():
+        assert all(0.0 <= scored[k] <= 1.0 for k in ("mIoU", "mAcc", "aAcc")), scored
+    assert probe["probes"]["random"] != probe["probes"][str(tmp_path / "pretrain")]
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_scene_patch_probe.py", "--scenes", scenes,
+                           "--weights", str(tmp_path / "segment_scratch" / "checkpoints")], cwd=ROOT,
+                          env=rank_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a finished run" in proc.stderr
 
 
 @pytest.mark.timeout(300)

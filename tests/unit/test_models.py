@@ -9,6 +9,7 @@ from beit_scale.models import ZOO, BeitMIM, backbone_param_count, get_spec
 # Exact backbone counts (shared relative position bias, no MIM head, no [M]) and the paper's figures.
 PINNED = {
     "beit_tiny_patch4_32": 453_420,
+    "beit_tiny_patch8_64": 467_244,
     "beit_tiny_patch16_224": 5_491_092,
     "beit_base_patch16_224": 85_665_360,
     "beit_large_patch16_224": 303_136_192,
