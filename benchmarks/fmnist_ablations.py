@@ -27,7 +27,6 @@ otherwise.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import os
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES,  # noqa: E402
-                                                   prepare, resolved_config, run_job, step_overrides,
+                                                   prepare, resolved_config, run_job, run_jobs, step_overrides,
                                                    versions)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
 
@@ -84,14 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_jobs(stages: list[str], job: str, overrides: dict[str, list[str]], out_dir: Path,
-             jobs: int) -> dict[str, tuple[dict, float]]:
-    """:func:`run_job` for each stage, ``jobs`` at a time; {stage: (summary, wall s)} in the order of ``stages``."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {s: pool.submit(run_job, s, job, RECIPES[job], overrides[s], out_dir) for s in stages}
-        return {s: f.result() for s, f in futures.items()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
@@ -119,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
             overrides[f"pretrain_{arm}"] = [f"run.output_dir={out_dir / f'pretrain_{arm}'}", f"run.name=fmnist_{arm}",
                                             f"tokenizer.path={tokenizer}", *data, *ov, *arm_ov]
     start = time.perf_counter()
-    done = run_jobs([s for s in overrides if s.startswith("pretrain_")], "pretrain", overrides, out_dir, args.jobs)
+    pretrains = {s: ("pretrain", RECIPES["pretrain"], ov) for s, ov in overrides.items() if s.startswith("pretrain_")}
+    done = run_jobs(pretrains, out_dir, args.jobs)
     for stage, (summary, seconds) in done.items():
         summaries[stage], wall[stage] = summary, seconds
     wall["pretrain_stage"] = time.perf_counter() - start
@@ -130,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides[f"finetune_{arm}"] = [f"run.output_dir={out_dir / f'finetune_{arm}'}", f"run.name=fmnist_{arm}_ft",
                                         f"finetune.init_from={init_from}", *data, *ov]
     start = time.perf_counter()
-    done = run_jobs([f"finetune_{arm}" for arm in ARMS], "finetune", overrides, out_dir, args.jobs)
+    done = run_jobs({f"finetune_{a}": ("finetune", RECIPES["finetune"], overrides[f"finetune_{a}"]) for a in ARMS},
+                    out_dir, args.jobs)
     finetunes = {stage.removeprefix("finetune_"): summary for stage, (summary, _) in done.items()}
     wall.update({stage: seconds for stage, (_, seconds) in done.items()})
     wall["finetune_stage"] = time.perf_counter() - start

@@ -22,6 +22,7 @@ JSON goes to ``benchmarks/results/fmnist_pretrain_vs_scratch.json`` unless ``--j
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.metadata
 import json
 import os
@@ -106,15 +107,18 @@ def prepare(out_dir: Path, stages, scale: float, seed: int, wall: dict, tag: str
                                                      f"run.seed={seed}"]
 
 
-def run_job(name: str, job: str, recipe: str, overrides: list[str], out_dir: Path) -> tuple[dict, float]:
-    """Run one CLI job in its own process, output to ``logs/<name>.log`` and the console; (its summary, wall s)."""
+def run_job(name: str, job: str, recipe: str, overrides: list[str], out_dir: Path,
+            env: dict[str, str] | None = None) -> tuple[dict, float]:
+    """Run one CLI job in its own process (environment ``env``, default this one's), output to ``logs/<name>.log``
+    and the console; (its summary, wall s)."""
     cmd = [sys.executable, "-m", "beit_scale.cli", job, "--config", recipe, *overrides]
     log_path = out_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env)
         for line in proc.stdout:
             log_file.write(line)
             print(f"[{name}] {line}", end="", flush=True)
@@ -125,6 +129,22 @@ def run_job(name: str, job: str, recipe: str, overrides: list[str], out_dir: Pat
     summary = json.loads(RunLayout(out_dir / name).summary.read_text())
     print(f"[bench] {name} done in {wall:.0f} s", flush=True)
     return summary, wall
+
+
+def run_jobs(specs: dict[str, tuple[str, str, list[str]]], out_dir: Path,
+             jobs: int) -> dict[str, tuple[dict, float]]:
+    """:func:`run_job` for each ``{name: (job, recipe, overrides)}``, ``jobs`` at a time; {name: (summary, wall s)}
+    in the order of ``specs``. Several at a time share the threads: each job gets ``OMP_NUM_THREADS // jobs`` of
+    them (at least 1; without OMP_NUM_THREADS, of the CPU count), where torch would give each all of them."""
+    env = None
+    if jobs > 1:
+        budget = os.environ.get("OMP_NUM_THREADS", "")
+        budget = int(budget) if budget.isdigit() and int(budget) > 0 else (os.cpu_count() or 1)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, budget // jobs))}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(run_job, name, job, recipe, overrides, out_dir, env)
+                   for name, (job, recipe, overrides) in specs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def resolved_config(run_dir: Path) -> dict:

@@ -23,6 +23,8 @@ stage go to a JSON file, and the verdict is printed.
     python benchmarks/fmnist_segment_pretrained_vs_scratch.py --out-dir /tmp/smoke --scale 0.02 \\
         --tokenizer /tmp/bench/tokenizer/tokenizer.safetensors       # a smoke run, about a minute
 
+``--jobs 2`` trains the two segmentation arms at the same time, each with half the cores' threads: the same jobs
+(their results do not depend on it beyond float rounding), about 1.5x sooner on 2 cores.
 ``--pretrained runs/bench_fmnist/pretrain`` starts the first arm from the first benchmark's Fashion-MNIST
 pretraining instead (measured: worse than random initialisation on these scenes; see the README).
 ``--scale`` multiplies the number of scenes and every stage's steps (warmup and checkpoint intervals too); below 1
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, prepare, resolved_config,  # noqa: E402
-                                                   run_job, scaled, step_overrides, versions)
+                                                   run_job, run_jobs, scaled, step_overrides, versions)
 from benchmarks.quickstart import cpu_model  # noqa: E402  (the machine record of the other benchmarks)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
 from beit_scale.data.fmnist_scenes import export_fmnist_scenes  # noqa: E402
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0,
                    help="factor on scenes and steps of every stage, e.g. 0.02 for a smoke run (default 1)")
     p.add_argument("--seed", type=int, default=0, help="run.seed of every stage and the scenes' seed")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=1,
+                   help="2: train both segmentation arms at once, each on half the cores (on 2 cores 1.5x faster "
+                        "than one after the other; each arm's images_per_second is then its share's)")
     p.add_argument("--json", default=None, help=f"result file (default: {RESULTS.relative_to(ROOT)} at --scale 1, "
                    f"else <out-dir>/{RESULTS.name})")
     args = p.parse_args(argv)
@@ -174,11 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
         pt_summary = pretrain_on_scenes(out_dir, args, nominal, steps, overrides, wall)
         pretrained = out_dir / "pretrain"
 
-    summaries = {}
     for arm, init_from, name in ((ARMS[0], str(pretrained), "fmnist_pt_seg"), (ARMS[1], "", "fmnist_scratch_seg")):
         overrides[arm] = [f"run.output_dir={out_dir / arm}", f"run.name={name}", f"segment.init_from={init_from}",
                           f"data.root={scenes}", f"run.seed={args.seed}", *ov]
-        summaries[arm], wall[arm] = run_job(arm, "segment", RECIPE, overrides[arm], out_dir)
+    start = time.perf_counter()
+    done = run_jobs({arm: ("segment", RECIPE, overrides[arm]) for arm in ARMS}, out_dir, args.jobs)
+    summaries = {arm: summary for arm, (summary, _) in done.items()}
+    wall.update({arm: seconds for arm, (_, seconds) in done.items()})
+    wall["segment_stage"] = time.perf_counter() - start
     wall["total"] = time.perf_counter() - total_start
 
     configs = {arm: resolved_config(out_dir / arm) for arm in ARMS}
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {
             "scale": args.scale,
             "seed": args.seed,
+            "jobs": args.jobs,
             "model": cfg["model"]["name"],
             "recipe": RECIPE,
             "nominal_train_scenes": nominal,

@@ -102,7 +102,7 @@ def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_ar
     result_file = tmp_path / "segment.json"
     proc = subprocess.run([sys.executable, "benchmarks/fmnist_segment_pretrained_vs_scratch.py", "--out-dir",
                            str(tmp_path), "--scale", "0.016", "--tokenizer", str(tokenizer),
-                           "--json", str(result_file)],
+                           "--json", str(result_file), "--jobs", "2"],
                           cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=330)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     result = json.loads(result_file.read_text())
@@ -116,6 +116,7 @@ def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_ar
     settings = result["settings"]
     assert settings["nominal_train_scenes"] == 160 and settings["labelled_scenes"] == 16
     assert settings["val_scenes"] == 16 and settings["pretrained"]["tokenizer"] == "given (--tokenizer)"
+    assert settings["jobs"] == 2 and result["wall_s"]["segment_stage"] > 0  # the two arms at once, on 1 thread each
     # The pretraining read the 160 training scenes (the 16 labelled ones among them) and no labels, with the given
     # tokenizer (none trained here); both arms ran the same job but from different weights.
     pool = sorted((tmp_path / "data" / "unlabelled_160_seed0" / "scenes").iterdir())
