@@ -94,14 +94,14 @@ def test_ablation_benchmark_writes_the_top1_of_all_four_arms(fmnist_bench, tmp_p
 
 
 # The shared benchmark above (up to 570 s) runs first when this test runs alone; the segmentation benchmark itself
-# took 107 s in a clean-clone CI run on 2 cores (a pretraining of 40 steps on 160 unlabelled scenes, two
+# took 107 s in a clean-clone CI run on 2 cores (a pretraining of 40 steps, now 10, on 160 unlabelled scenes, two
 # segmentation jobs of 48 steps on 16 labelled and 16 validation scenes, three process start-ups), with a 3x margin.
 @pytest.mark.timeout(600 + 330 + 180 + 30)
 def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_arms(fmnist_bench, tmp_path):
     tokenizer = (fmnist_bench.out_dir / "tokenizer" / "tokenizer.safetensors").resolve()
     result_file = tmp_path / "segment.json"
     proc = subprocess.run([sys.executable, "benchmarks/fmnist_segment_pretrained_vs_scratch.py", "--out-dir",
-                           str(tmp_path), "--scale", "0.016", "--tokenizer", str(tokenizer),
+                           str(tmp_path), "--scale", "0.016", "--steps-scale", "0.004", "--tokenizer", str(tokenizer),
                            "--json", str(result_file), "--jobs", "2"],
                           cwd=ROOT, env=rank_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=330)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -126,7 +126,8 @@ def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_ar
     assert f"tokenizer.path={tokenizer}" in settings["overrides"]["pretrain"]
     assert "data.root=<out-dir>/data/unlabelled_160_seed0" in settings["overrides"]["pretrain"]
     assert math.isfinite(settings["pretrained"]["train_masked_token_accuracy"])
-    assert settings["pretrained"]["steps"] == 40 and "<out-dir>/pretrain" == settings["pretrained"]["path"]
+    assert settings["steps"]["segment"]["total_steps"] == 48 and settings["steps_scale"] == 0.004
+    assert settings["pretrained"]["steps"] == 10 and "<out-dir>/pretrain" == settings["pretrained"]["path"]
     assert settings["overrides"]["segment_pretrained"][2] == "segment.init_from=<out-dir>/pretrain"
     assert settings["overrides"]["segment_scratch"][2] == "segment.init_from="
     assert arms["pretrained"]["init_from"] and not arms["scratch"]["init_from"]
