@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or not args.lr > 0:
         p.error("--steps, --batch and --lr must be positive")
+    if len(set(args.weights)) < len(args.weights):
+        p.error(f"--weights {' '.join(args.weights)}: a backbone is named twice (each is probed and reported once)")
     for w in args.weights:
         if w == "random":
             continue
@@ -76,6 +78,12 @@ def load_split(root: str, split: str, window: int) -> tuple[torch.Tensor, torch.
     first = base[0][0]
     transform = SegEvalTransform((first.width, first.height))  # the segment job's normalisation, at scale 1
     images, labels = zip(*(transform(*base[i]) for i in range(len(base))))
+    odd = next((i for i, (x, y) in enumerate(zip(images, labels))
+                if (x.shape, y.shape) != (images[0].shape, labels[0].shape)), None)
+    if odd is not None:  # the label keeps the file's size; the image is rescaled to scene 0's, keeping its ratio
+        raise SystemExit(f"{root} {split}: scene {odd} is {tuple(labels[odd].shape)} px where scene 0 is "
+                         f"{tuple(labels[0].shape)} px; the probe needs scenes of one size (an export_fmnist_scenes "
+                         "folder)")
     images, labels = torch.stack(images), torch.stack(labels)
     if images.shape[-1] % window or images.shape[-2] % window:
         raise SystemExit(f"{root} {split}: {tuple(images.shape[-2:])} px scenes do not split into {window} px windows")

@@ -10,12 +10,14 @@ test proves the pipeline, not the claim; the full run's result is in benchmarks/
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from PIL import Image
 
 from tests.distributed.ranks import ROOT, rank_env
 
@@ -153,6 +155,20 @@ def test_segment_benchmark_pretrains_on_the_unlabelled_scenes_and_scores_both_ar
                            "--weights", str(tmp_path / "segment_scratch" / "checkpoints")], cwd=ROOT,
                           env=rank_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not a finished run" in proc.stderr
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_scene_patch_probe.py", "--scenes", scenes,
+                           "--weights", "random", "random"], cwd=ROOT, env=rank_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "named twice" in proc.stderr
+    # A folder whose scenes differ in size (a scene replaced by a smaller one) is refused by name, not by torch.stack.
+    odd = tmp_path / "odd_scenes"
+    shutil.copytree(scenes, odd)
+    for sub, suffix in (("images", "jpg"), ("annotations", "png")):
+        path = odd / sub / "training" / f"scene_000003.{suffix}"
+        Image.open(path).resize((48, 48), Image.NEAREST).save(path)
+    proc = subprocess.run([sys.executable, "benchmarks/fmnist_scene_patch_probe.py", "--scenes", str(odd),
+                           "--weights", "random", "--steps", "1"], cwd=ROOT, env=rank_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "scene 3 is (48, 48) px where scene 0 is (64, 64) px" in proc.stderr, proc.stderr
 
 
 @pytest.mark.timeout(300)
