@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES,  # noqa: E402
+from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, check_scales,  # noqa: E402
                                                    prepare, resolved_config, run_job, run_jobs, step_overrides,
                                                    versions)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
@@ -72,12 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs} must be >= 1")
-    if not 0 < args.scale <= 1:
-        p.error(f"--scale={args.scale} must be in (0, 1]")
-    if args.steps_scale is None:
-        args.steps_scale = args.scale
-    if not 0 < args.steps_scale <= 1:
-        p.error(f"--steps-scale={args.steps_scale} must be in (0, 1]")
+    check_scales(p, args)
     if args.tokenizer and not Path(args.tokenizer).is_file():
         p.error(f"--tokenizer={args.tokenizer}: no such file")
     return args

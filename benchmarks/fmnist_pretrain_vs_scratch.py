@@ -61,6 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_scales(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--scale`` and ``--steps-scale`` (default: ``--scale``) of the benchmarks that have both, each in (0, 1]."""
+    if not 0 < args.scale <= 1:
+        p.error(f"--scale={args.scale} must be in (0, 1]")
+    if args.steps_scale is None:
+        args.steps_scale = args.scale
+    if not 0 < args.steps_scale <= 1:
+        p.error(f"--steps-scale={args.steps_scale} must be in (0, 1]")
+
+
 def scaled(n: int, scale: float, minimum: int = 1) -> int:
     return max(minimum, round(n * scale))
 

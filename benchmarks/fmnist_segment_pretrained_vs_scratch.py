@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, prepare, resolved_config,  # noqa: E402
+from benchmarks.fmnist_pretrain_vs_scratch import (RECIPES, check_scales, prepare, resolved_config,  # noqa: E402
                                                    run_job, run_jobs, scaled, step_overrides, versions)
 from benchmarks.quickstart import cpu_model  # noqa: E402  (the machine record of the other benchmarks)
 from beit_scale.checkpoint import RunLayout  # noqa: E402
@@ -83,12 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help=f"result file (default: {RESULTS.relative_to(ROOT)} at --scale 1, "
                    f"else <out-dir>/{RESULTS.name})")
     args = p.parse_args(argv)
-    if not 0 < args.scale <= 1:
-        p.error(f"--scale={args.scale} must be in (0, 1]")
-    if args.steps_scale is None:
-        args.steps_scale = args.scale
-    if not 0 < args.steps_scale <= 1:
-        p.error(f"--steps-scale={args.steps_scale} must be in (0, 1]")
+    check_scales(p, args)
     if args.pretrained and args.tokenizer:
         p.error("--tokenizer is for the pretraining this script runs; with --pretrained nothing is pretrained here")
     if args.tokenizer and not Path(args.tokenizer).is_file():
