@@ -141,10 +141,12 @@ def drive(cfg: Config, task: Task) -> dict:
     run.loop = loop = start_loop(run, loader, task.flops_per_image(run))
     task.start(run)
     last = train(run, task)
-    speed = loop.meter.speed.of(loop.meter.images_per_second) if loop.meter.speed else {}
-    waits = loop.meter.data_wait_summary()  # the training steps', before the final evaluation
+    images_per_second = loop.meter.images_per_second  # the training steps', read before the final evaluation
+    speed = ({**loop.meter.speed.of(images_per_second), "flops_per_image": loop.meter.speed.flops_per_image}
+             if loop.meter.speed else {})
+    waits = loop.meter.data_wait_summary()
     summary = {**task.finish(run, last), "final_loss": last["loss"], "steps": cfg.train.total_steps,
-               "images_per_second": loop.meter.images_per_second, **speed, **waits, "world_size": info.world_size,
+               "images_per_second": images_per_second, **speed, **waits, "world_size": info.world_size,
                "restarts": loop.state.restarts, "skipped_steps": loop.state.skipped_steps}
     if dist.is_initialized():  # rank 0's summary on every rank (some tasks evaluate their output on rank 0)
         shared = [summary]

@@ -93,6 +93,8 @@ def test_pretrain_under_the_deepspeed_launcher_zero3_bf16(tokenizer_run, fmnist,
     assert summary["eval_masked_tokens"] == 2 * 2 * 8 * 26  # ranks x eval_batches x micro_batch x masked
     for key in ("final_loss", "masked_token_accuracy", "majority_token_accuracy", "images_per_second"):
         assert summary[key] == summary[key]  # not NaN
+    # one speed, the training steps' (the final evaluation's time left out of both figures)
+    assert summary["tflops"] == pytest.approx(summary["images_per_second"] * summary["flops_per_image"] / 2 / 1e12)
     # the steps' wait for the data loader (rank 0): seconds per step and share of the wall time, also in the log
     assert 0 <= summary["data_wait_s"] < 60 and 0 <= summary["data_wait_fraction"] <= 1 and "data_wait_frac" in log
     weights = load_file(str(tmp_path / "model.safetensors"))  # gathered from ZeRO-3 shards
