@@ -7,12 +7,24 @@ match the model's patch grid exactly; :func:`check_token_grid` enforces that bef
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["ArchTokenizer", "VisualTokenizer", "check_token_grid", "codebook_stats"]
+__all__ = ["ArchTokenizer", "VisualTokenizer", "check_arch_ints", "check_token_grid", "codebook_stats"]
+
+
+def check_arch_ints(arch) -> None:
+    """Every field of a tokenizer's architecture dataclass is an int (not a bool), and ``vocab_size >= 2``; the
+    message names the ``tokenizer.<field>`` to change."""
+    for field in dataclasses.fields(arch):
+        value = getattr(arch, field.name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"tokenizer.{field.name}={value!r} must be an int")
+    if arch.vocab_size < 2:
+        raise ValueError(f"tokenizer.vocab_size={arch.vocab_size} must be >= 2 (BEiT and DALL-E use 8192)")
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from beit_scale.tokenizers.base import ArchTokenizer
+from beit_scale.tokenizers.base import ArchTokenizer, check_arch_ints
 
 __all__ = ["DALL_E_DOWNSAMPLE", "DallEArch", "DallEEncoder", "official_name"]
 
@@ -48,12 +48,7 @@ class DallEArch:
     """Residual blocks in each of the four groups (the official ``n_blk_per_group``)."""
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"tokenizer.{field.name}={value!r} must be an int")
-        if self.vocab_size < 2:
-            raise ValueError(f"tokenizer.vocab_size={self.vocab_size} must be >= 2 (DALL-E uses 8192)")
+        check_arch_ints(self)
         if self.input_size < DALL_E_DOWNSAMPLE or self.input_size % DALL_E_DOWNSAMPLE:
             lower = self.input_size // DALL_E_DOWNSAMPLE * DALL_E_DOWNSAMPLE
             upper = lower + DALL_E_DOWNSAMPLE

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beit_scale.tokenizers.base import ArchTokenizer
+from beit_scale.tokenizers.base import ArchTokenizer, check_arch_ints
 
 __all__ = ["DVAEArch", "DVAEOutput", "DiscreteVAE", "gumbel_temperature"]
 
@@ -45,12 +45,7 @@ class DVAEArch:
     """Residual blocks per resolution stage, in both encoder and decoder."""
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"tokenizer.{field.name}={value!r} must be an int")
-        if self.vocab_size < 2:
-            raise ValueError(f"tokenizer.vocab_size={self.vocab_size} must be >= 2 (BEiT uses 8192)")
+        check_arch_ints(self)
         if self.downsample < 2 or self.downsample & (self.downsample - 1):
             raise ValueError(f"tokenizer.downsample={self.downsample} must be a power of two >= 2, e.g. 8")
         if self.input_size < self.downsample or self.input_size % self.downsample:
