@@ -19,7 +19,7 @@ scenes, data order and augmentation. Both are scored on the validation scenes by
 mIoU, mAcc, aAcc and the IoU of each class of both arms, the settings, the machine and the wall time of every
 stage go to a JSON file, and the verdict is printed.
 
-    python benchmarks/fmnist_segment_pretrained_vs_scratch.py --jobs 2   # ~1 h on 2 cores
+    python benchmarks/fmnist_segment_pretrained_vs_scratch.py --jobs 2   # 62-79 min on 2 cores
     python benchmarks/fmnist_segment_pretrained_vs_scratch.py --out-dir /tmp/smoke --scale 0.016 --steps-scale 0.004 \\
         --tokenizer /tmp/bench/tokenizer/tokenizer.safetensors       # a smoke run, about a minute
 
